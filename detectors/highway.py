@@ -1,0 +1,161 @@
+"""E3VA's gradient highway: dual low-rank adapters on a side path beside a frozen Swin.
+
+For block i with input l_i the frozen backbone computes, without autograd,
+    a_i = f_P1(l_i)             (LN1 + W/SW-MSA)
+    m_i = f_P2(l_i + a_i)       (LN2 + MLP)
+    l_{i+1} = l_i + a_i + m_i,
+and the highway, starting from the patch embedding (e_0 = l_0), computes
+    e_{i+1} = e_i + A1(a_i) + A2(m_i),   A(x) = x + U(GELU(D(x))).
+With U at zero the highway reproduces the backbone exactly. At a stage boundary e goes through
+the backbone's own frozen patch merging; each stage's e goes through a trainable LayerNorm (the
+backbone's output norms) to the FPN. Backpropagation therefore only walks the highway: no backbone
+activation is kept for backward and no backbone weight receives a gradient.
+
+D and U are "dual low-rank": W = s_1 t_1 + s_2 t_2 with rank-``rank`` factors, which is one
+product of the concatenated factors [s_1 s_2] [t_1; t_2]. It is applied as x -> x t^T -> (.) s^T,
+never forming W, inside one autograd function that saves only x and the two rank-2r tensors and
+recomputes the hidden layer and its GELU in backward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from detectors.backbones.swin import SwinBackbone
+
+INITS = ("kaiming", "zero_up")
+
+
+def _adapter_hidden(x: torch.Tensor, down_t, down_s, down_bias) -> tuple[torch.Tensor, torch.Tensor]:
+    """z = x t_d^T (rank 2r) and the pre-activation z s_d^T + b_d (C/2) of the down projection."""
+    z = x @ down_t.T
+    return z, torch.addmm(down_bias, z, down_s.T)
+
+
+class _HighwayStepFn(torch.autograd.Function):
+    """d + U1(GELU(D1(a))) + U2(GELU(D2(m))) for one block, in one pass over the highway.
+
+    Saves only a and m (needed for the down projections' weight gradients); z, the hidden layer,
+    its GELU and y are recomputed in backward. The gradient w.r.t. d passes through unchanged.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, d, a, m, *params):
+        shape = d.shape
+        out = (d + (params[5] + params[11])).reshape(-1, shape[-1])  # both up biases
+        for x, (down_t, down_s, down_bias, up_t, up_s, _) in ((a, params[:6]), (m, params[6:])):
+            _, pre = _adapter_hidden(x.reshape(-1, x.shape[-1]), down_t, down_s, down_bias)
+            out.addmm_(F.gelu(pre) @ up_t.T, up_s.T)
+        ctx.save_for_backward(a, m, *params)
+        return out.view(shape)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_out):
+        a, m, *params = ctx.saved_tensors
+        g_out = grad_out.reshape(-1, grad_out.shape[-1])
+        grads = []
+        for x, (down_t, down_s, down_bias, up_t, up_s, _) in ((a, params[:6]), (m, params[6:])):
+            rows = x.reshape(-1, x.shape[-1])
+            z, pre = _adapter_hidden(rows, down_t, down_s, down_bias)
+            hidden = F.gelu(pre)
+            g_y = g_out @ up_s
+            g_pre = torch.ops.aten.gelu_backward(g_y @ up_t, pre)
+            g_z = g_pre @ down_s
+            grads += [g_z.T @ rows, g_pre.T @ z, g_pre.sum(0), g_y.T @ hidden, g_out.T @ (hidden @ up_t.T),
+                      g_out.sum(0)]
+        # a and m come from the frozen backbone under no_grad: they never need a gradient.
+        return (grad_out, None, None, *(g.to(p.dtype) for g, p in zip(grads, params)))
+
+
+class DualLowRankAdapter(nn.Module):
+    """The E3VA adapter without its skip: U(GELU(D(x))), D: C -> C/2, U: C/2 -> C."""
+
+    def __init__(self, dim: int, rank: int, init: str = "kaiming"):
+        super().__init__()
+        hidden = dim // 2
+        self.rank = rank
+        self.down_t = nn.Parameter(torch.empty(2 * rank, dim))
+        self.down_s = nn.Parameter(torch.empty(hidden, 2 * rank))
+        self.down_bias = nn.Parameter(torch.zeros(hidden))
+        self.up_t = nn.Parameter(torch.empty(2 * rank, hidden))
+        self.up_s = nn.Parameter(torch.empty(dim, 2 * rank))
+        self.up_bias = nn.Parameter(torch.zeros(dim))
+        self.reset_parameters(init)
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str = "kaiming") -> None:
+        """Kaiming-normal factors, per branch (the paper); ``zero_up`` starts U at zero."""
+        for t in (self.down_t, self.up_t):
+            nn.init.kaiming_normal_(t)
+        for s in (self.down_s, self.up_s):
+            for branch in s.split(self.rank, dim=1):
+                nn.init.kaiming_normal_(branch)
+        if init == "zero_up":
+            self.up_s.zero_()
+
+    def factors(self) -> tuple[nn.Parameter, ...]:
+        return self.down_t, self.down_s, self.down_bias, self.up_t, self.up_s, self.up_bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """U(GELU(D(x))) with plain autograd: the reference the fused highway step is tested against."""
+        rows = x.reshape(-1, x.shape[-1])
+        _, pre = _adapter_hidden(rows, self.down_t, self.down_s, self.down_bias)
+        return torch.addmm(self.up_bias, F.gelu(pre) @ self.up_t.T, self.up_s.T).view(x.shape)
+
+
+class HighwayBlock(nn.Module):
+    """The two parallel adapters that follow one Swin block on the highway."""
+
+    def __init__(self, dim: int, rank: int, init: str = "kaiming"):
+        super().__init__()
+        self.attn = DualLowRankAdapter(dim, rank, init)
+        self.mlp = DualLowRankAdapter(dim, rank, init)
+
+    def forward(self, d: torch.Tensor, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """The highway's lead over the backbone after this block: d + U1(GELU(D1(a))) + U2(GELU(D2(m)))."""
+        return _HighwayStepFn.apply(d, a, m, *self.attn.factors(), *self.mlp.factors())
+
+
+class HighwayBackbone(nn.Module):
+    """A frozen SwinBackbone plus the E3VA highway; same interface as the backbone."""
+
+    def __init__(self, backbone: SwinBackbone, rank: int = 8, init: str = "kaiming"):
+        super().__init__()
+        self.backbone = backbone
+        self.highway = nn.ModuleList(
+            nn.ModuleList(HighwayBlock(dim, rank, init) for _ in stage.blocks)
+            for dim, stage in zip(backbone.out_channels, backbone.layers))
+        self.out_channels = backbone.out_channels
+        self.strides = backbone.strides
+        self.size_divisibility = backbone.size_divisibility
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        # The highway is carried as its lead over the backbone, d = e - l: the skips a + m then
+        # cancel, each block only adds its two adapter outputs, and e = l + d is formed where it is
+        # used (stage outputs and patch merging).
+        with torch.no_grad():
+            lane = self.backbone.embed(images)
+        highway = lane  # e_0 = l_0
+        outputs = []
+        for stage, adapters in zip(self.backbone.layers, self.highway):
+            if not isinstance(stage.downsample, nn.Identity):
+                with torch.no_grad():
+                    lane = stage.downsample(lane)
+                # Frozen weights; the gradient passes to the highway. Recomputed in backward, so
+                # only the highway itself (already kept by the output norm) is saved.
+                highway = checkpoint(stage.downsample, highway, use_reentrant=False)
+            lead = highway - lane
+            for block, adapter in zip(stage.blocks, adapters):
+                with torch.no_grad():
+                    a = block.attention_branch(lane)
+                    lane = lane + a
+                    m = block.mlp_branch(lane)
+                    lane = lane + m
+                lead = adapter(lead, a, m)
+            highway = lane + lead
+            outputs.append(highway)
+        return self.backbone.finish(outputs)
