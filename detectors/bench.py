@@ -3,7 +3,8 @@
 Every method runs in this one process on the same inputs, and the timed steps are interleaved
 (method A, B, C, A, B, C, ...), so drifts of a shared machine hit all methods alike and the
 ratios between methods are what to read. A step is: the tuned backbone with its pre-FPN output
-norms, a simple loss on the four outputs (mean of squares), backward, AdamW step. Where nothing in
+norms, a simple loss on the four outputs (their mean, weighted by fixed random probes: a linear
+stand-in for the neck whose own backward costs one multiply), backward, AdamW step. Where nothing in
 the backbone trains (FIXED) the step is the forward pass alone: that is all FIXED costs here, the
 neck and heads that train in a detector being outside the backbone (the detector-level bench
 measures those).
@@ -14,13 +15,14 @@ Figures per method:
   parameters excluded since they are resident anyway);
 - ``train_bytes``: saved_bytes + gradients + AdamW state of the trainable parameters;
 - ``peak_bytes``: what the model needs on a device of its own: its resident weights and optimizer
-  state plus the transient peak of one step (CUDA: max allocated; CPU: process RSS, sampled);
+  state plus the transient peak of one step (CUDA: max allocated; CPU: rise of the process RSS, sampled every millisecond, after freed heap pages went back to the OS);
 - ``step_s``: median seconds per training step.
 """
 from __future__ import annotations
 
 import ctypes
 import dataclasses
+import gc
 import statistics
 import sys
 import threading
@@ -52,9 +54,14 @@ class _Subject:
         self.params = [p for p in self.backbone.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in self.params)
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4) if self.params else None
+        self.probes: list[torch.Tensor] | None = None
 
     def step(self, images: torch.Tensor) -> None:
-        loss = sum(f.square().mean() for f in self.backbone(images).values())
+        features = self.backbone(images).values()
+        if self.probes is None:
+            generator = torch.Generator(device=images.device).manual_seed(0)
+            self.probes = [torch.randn(f.shape, generator=generator, device=f.device) for f in features]
+        loss = sum((f * probe).mean() for f, probe in zip(features, self.probes))
         if self.optimizer is not None:
             loss.backward()
             self.optimizer.step()
@@ -120,16 +127,14 @@ class _RssPeak:
         self.peak = max(self.peak, self._rss() - self.base)
 
 
-def _set_malloc_thresholds(mmap_bytes: int) -> None:
-    """Route glibc allocations above ``mmap_bytes`` to mmap (freed at once, so RSS follows the
-    live tensors) and stop heap trimming; no-op where glibc is absent."""
+def _release_free_heap() -> None:
+    """Hand freed heap pages back to the OS, so RSS starts from the live tensors (glibc only)."""
+    gc.collect()
     if sys.platform.startswith("linux"):
         try:
-            libc = ctypes.CDLL("libc.so.6")
-        except OSError:
-            return
-        libc.mallopt(-3, mmap_bytes)  # M_MMAP_THRESHOLD (fixing it also stops glibc adapting it)
-        libc.mallopt(-1, max(2 * mmap_bytes, 64 * 2**20))  # M_TRIM_THRESHOLD
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 @contextmanager
@@ -143,6 +148,7 @@ def _transient_peak(device: torch.device) -> Iterator[dict]:
         torch.cuda.synchronize(device)
         out["peak"] = torch.cuda.max_memory_allocated(device) - base
     else:
+        _release_free_heap()
         with _RssPeak() as sampler:
             yield out
         out["peak"] = sampler.peak
@@ -158,10 +164,6 @@ def benchmark(backbone: str = "swin_t", methods: tuple[str, ...] = ("full", "fix
               backbone_kwargs: dict | None = None, progress=None) -> list[BenchResult]:
     """Measure ``methods`` side by side; see the module docstring for what each figure means."""
     dev = torch.device(device)
-    if dev.type == "cpu":
-        # Before anything is allocated: set later, freed heap chunks would be reused unseen by RSS.
-        # All methods run under the same policy, so the time ratios are not skewed by it.
-        _set_malloc_thresholds(128 * 1024)
     subjects = [_Subject(m, backbone, dev, backbone_kwargs or {}) for m in methods]
     images = torch.randn(batch, 3, *size, device=dev, generator=None)
     results = {}

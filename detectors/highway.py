@@ -21,7 +21,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from detectors.backbones.swin import SwinBackbone
 
@@ -35,40 +34,102 @@ def _adapter_hidden(x: torch.Tensor, down_t, down_s, down_bias) -> tuple[torch.T
 
 
 class _HighwayStepFn(torch.autograd.Function):
-    """d + U1(GELU(D1(a))) + U2(GELU(D2(m))) for one block, in one pass over the highway.
+    """d + U1(GELU(D1(a))) + U2(GELU(D2(m))) for one block, in as few passes over memory as we can.
 
-    Saves only a and m (needed for the down projections' weight gradients); z, the hidden layer,
-    its GELU and y are recomputed in backward. The gradient w.r.t. d passes through unchanged.
+    The step is memory-bound, so: only a and m are saved (the down projections' weight gradients
+    need them); z, the hidden layers, their GELU and y are recomputed in backward; both up
+    projections and both up biases run as one matmul on [y_a, y_m, 1], whose gradient is one
+    read of the incoming gradient; the gradient w.r.t. d passes through unchanged.
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, d, a, m, *params):
-        shape = d.shape
-        out = (d + (params[5] + params[11])).reshape(-1, shape[-1])  # both up biases
-        for x, (down_t, down_s, down_bias, up_t, up_s, _) in ((a, params[:6]), (m, params[6:])):
-            _, pre = _adapter_hidden(x.reshape(-1, x.shape[-1]), down_t, down_s, down_bias)
-            out.addmm_(F.gelu(pre) @ up_t.T, up_s.T)
+        hidden, y = _HighwayStepFn._hidden_and_y(a, m, params)
+        out = torch.addmm(d.reshape(-1, d.shape[-1]), y, _HighwayStepFn._up_matrix(params).T)
         ctx.save_for_backward(a, m, *params)
-        return out.view(shape)
+        return out.view(d.shape)
+
+    @staticmethod
+    def _hidden_and_y(a, m, params):
+        """Per adapter (x, z, pre-activation, GELU), and y = [y_a, y_m, 1] for the joint up matmul."""
+        hidden = []
+        for x, (down_t, down_s, down_bias, up_t, _, _) in ((a, params[:6]), (m, params[6:])):
+            rows = x.reshape(-1, x.shape[-1])
+            z, pre = _adapter_hidden(rows, down_t, down_s, down_bias)
+            hidden.append((rows, z, pre, F.gelu(pre)))
+        ys = [act @ p[3].T for (_, _, _, act), p in zip(hidden, (params[:6], params[6:]))]
+        ones = ys[0].new_ones(ys[0].shape[0], 1)
+        return hidden, torch.cat([*ys, ones], dim=1)
+
+    @staticmethod
+    def _up_matrix(params):
+        """[s_u(a), s_u(m), b_u(a) + b_u(m)]: (C, 4r + 1)."""
+        return torch.cat([params[4], params[10], (params[5] + params[11])[:, None]], dim=1)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
         a, m, *params = ctx.saved_tensors
         g_out = grad_out.reshape(-1, grad_out.shape[-1])
+        hidden, y = _HighwayStepFn._hidden_and_y(a, m, params)
+        rank2 = params[4].shape[1]
+        g_up = g_out.T @ y                                   # (C, 4r + 1): both s_u and the bias sum
+        g_y = g_out @ torch.cat([params[4], params[10]], dim=1)
         grads = []
-        for x, (down_t, down_s, down_bias, up_t, up_s, _) in ((a, params[:6]), (m, params[6:])):
-            rows = x.reshape(-1, x.shape[-1])
-            z, pre = _adapter_hidden(rows, down_t, down_s, down_bias)
-            hidden = F.gelu(pre)
-            g_y = g_out @ up_s
-            g_pre = torch.ops.aten.gelu_backward(g_y @ up_t, pre)
+        for i, ((rows, z, pre, act), (down_t, down_s, _, up_t, _, _)) in enumerate(
+                zip(hidden, (params[:6], params[6:]))):
+            g_yi = g_y[:, i * rank2:(i + 1) * rank2]
+            g_pre = torch.ops.aten.gelu_backward(g_yi @ up_t, pre)
             g_z = g_pre @ down_s
-            grads += [g_z.T @ rows, g_pre.T @ z, g_pre.sum(0), g_y.T @ hidden, g_out.T @ (hidden @ up_t.T),
-                      g_out.sum(0)]
+            grads += [g_z.T @ rows, g_pre.T @ z, g_pre.sum(0), g_yi.T @ act,
+                      g_up[:, i * rank2:(i + 1) * rank2], g_up[:, -1]]
         # a and m come from the frozen backbone under no_grad: they never need a gradient.
         return (grad_out, None, None, *(g.to(p.dtype) for g, p in zip(grads, params)))
+
+
+class _FrozenMergeFn(torch.autograd.Function):
+    """The backbone's frozen patch merging, applied to the highway: Linear(LN(2x2 gather(e))).
+
+    Keeps only e (which the stage's output norm keeps anyway) and the LayerNorm statistics;
+    backward re-gathers e instead of saving the 4C-wide copy, and skips the linear's forward.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, e, norm_weight, norm_bias, reduction_weight):
+        gathered = _gather_2x2(e)
+        normed, mean, rstd = torch.native_layer_norm(gathered, (gathered.shape[-1],), norm_weight, norm_bias, 1e-5)
+        ctx.save_for_backward(e, mean, rstd, norm_weight, norm_bias, reduction_weight)
+        return normed @ reduction_weight.T
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_out):
+        e, mean, rstd, norm_weight, norm_bias, reduction_weight = ctx.saved_tensors
+        gathered = _gather_2x2(e)
+        g_normed = grad_out @ reduction_weight.to(grad_out.dtype)
+        g_gathered, _, _ = torch.ops.aten.native_layer_norm_backward(
+            g_normed, gathered, (gathered.shape[-1],), mean, rstd, norm_weight, norm_bias, [True, False, False])
+        return _scatter_2x2(g_gathered, e.shape), None, None, None
+
+
+def _gather_2x2(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) -> (B, H/2, W/2, 4C) in timm's PatchMerging order (H and W are even here)."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
+
+
+def _scatter_2x2(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    b, h, w, c = shape
+    return x.reshape(b, h // 2, w // 2, 2, 2, c).permute(0, 1, 4, 2, 3, 5).reshape(shape)
+
+
+def merge_frozen(merge: nn.Module, e: torch.Tensor) -> torch.Tensor:
+    """Apply a frozen timm PatchMerging to the highway with the memory profile described above."""
+    if e.shape[1] % 2 or e.shape[2] % 2 or merge.norm.eps != 1e-5:
+        return merge(e)  # odd sizes (not produced by 32-padded inputs) or foreign norms: plain path
+    return _FrozenMergeFn.apply(e, merge.norm.weight, merge.norm.bias, merge.reduction.weight)
 
 
 class DualLowRankAdapter(nn.Module):
@@ -145,13 +206,11 @@ class HighwayBackbone(nn.Module):
             if not isinstance(stage.downsample, nn.Identity):
                 with torch.no_grad():
                     lane = stage.downsample(lane)
-                # Frozen weights; the gradient passes to the highway. Recomputed in backward, so
-                # only the highway itself (already kept by the output norm) is saved.
-                highway = checkpoint(stage.downsample, highway, use_reentrant=False)
+                highway = merge_frozen(stage.downsample, highway)  # the gradient passes, weights stay
             lead = highway - lane
             for block, adapter in zip(stage.blocks, adapters):
                 with torch.no_grad():
-                    a = block.attention_branch(lane)
+                    a = block.attention_branch(lane).contiguous()  # cropped from the padded map
                     lane = lane + a
                     m = block.mlp_branch(lane)
                     lane = lane + m

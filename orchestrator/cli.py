@@ -1,0 +1,85 @@
+"""``python -m orchestrator <command>``: argument parsing and dispatch, nothing else."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Sequence
+
+import yaml
+
+from detectors.errors import UserInputError
+
+
+def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
+    """``["rank=8", "init=zero_up"]`` -> ``{"rank": 8, "init": "zero_up"}`` (values read as YAML)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserInputError(f"--set {item!r}: expected key=value")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserInputError(f"--set {item!r}: cannot read the value {value!r}") from None
+    return out
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not HEIGHTxWIDTH, e.g. 512x640") from None
+    if height <= 0 or width <= 0:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
+    return height, width
+
+
+def _cmd_params(args: argparse.Namespace) -> int:
+    from orchestrator.params import print_params
+    print_params(args.backbone, args.method, parse_assignments(args.set), show_all=args.all, as_json=args.json)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from orchestrator.bench import run_bench
+    run_bench(backbone=args.backbone, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+              size=args.size, batch=args.batch, device=args.device, repeats=args.repeats, as_json=args.json)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    params = commands.add_parser("params", help="trainable parameters of tuned backbones, as in the papers")
+    params.add_argument("--backbone", default="swin_b", help="swin_t, swin_s, swin_b, swin_l, swin_b_384, swin_l_384")
+    params.add_argument("--method", default=None, help="a tuning method or named variant (default: all)")
+    params.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="hyperparameter override, e.g. rank=16 (repeatable)")
+    params.add_argument("--all", action="store_true", help="every method and variant (the default without --method)")
+    params.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    params.set_defaults(func=_cmd_params)
+
+    bench = commands.add_parser("bench", help="memory and time of tuning methods, side by side in one process")
+    bench.add_argument("--backbone", default="swin_t")
+    bench.add_argument("--methods", default="full,fixed,adapter,lora,lorand,e3va",
+                       help="comma-separated methods or variants; ratios are to full and fixed")
+    bench.add_argument("--size", type=parse_size, default=(512, 640), help="HEIGHTxWIDTH (default 512x640)")
+    bench.add_argument("--batch", type=int, default=2)
+    bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    bench.add_argument("--repeats", type=int, default=5, help="timed steps per method, interleaved")
+    bench.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    bench.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
