@@ -283,6 +283,10 @@ def _describe_backbone(state_dict: dict[str, torch.Tensor]) -> str:
 def load_swin_weights(model: SwinBackbone, path: str | Path) -> None:
     """Load pre-trained weights into ``model``; one clear error if they do not fit."""
     state = checkpoint_filter_fn(read_state_dict(path), model)
+    not_tensors = [k for k, v in state.items() if not torch.is_tensor(v)]
+    if not_tensors:
+        raise UserInputError(f"weight file {path} is not a state dict of tensors: {not_tensors[0]} holds a "
+                             f"{type(state[not_tensors[0]]).__name__}")
     expected = model.state_dict()
     wrong_shape = [k for k, v in state.items() if k in expected and expected[k].shape != v.shape]
     if wrong_shape:

@@ -1,0 +1,291 @@
+"""E3VA's highway computes the paper's equations, trains only itself, and keeps no backbone activation."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from timm.models.swin_transformer import PatchMerging
+from torch import nn
+from torch.func import functional_call
+
+from detectors.backbones import build_swin
+from detectors.bench import saved_tensor_bytes
+from detectors.highway import DualLowRankAdapter, HighwayBackbone, HighwayBlock, merge_frozen
+from detectors.tuning import build_tuning
+
+TINY = dict(depths=(2, 2, 2, 2), embed_dim=32, num_heads=(1, 2, 4, 8))
+ODD_SIZE = (2, 3, 96, 160)  # stride 4: 24 x 40, stride 32: 3 x 5, none a multiple of the window (7)
+
+
+def _plain(seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    return build_swin("swin_t", drop_path_rate=0.0, **{**TINY, **overrides})
+
+
+def _e3va(seed: int = 0, **hparams) -> HighwayBackbone:
+    model = build_tuning("e3va", **hparams).apply(_plain(seed))
+    assert isinstance(model, HighwayBackbone)
+    return model
+
+
+def _inputs_of_output_norms(model: HighwayBackbone, images: torch.Tensor) -> list[torch.Tensor]:
+    captured = {}
+    handles = [norm.register_forward_pre_hook(lambda mod, args, i=i: captured.__setitem__(i, args[0]))
+               for i, norm in enumerate(model.backbone.output_norms)]
+    try:
+        model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return [captured[i] for i in range(4)]
+
+
+def _reference_forward(model: HighwayBackbone, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The paper's equations with plain autograd, written out independently of the fused highway:
+    a_i = f_P1(l_i), m_i = f_P2(l_i + a_i), l_{i+1} = l_i + a_i + m_i;
+    e_0 = l_0, e_{i+1} = e_i + A1(a_i) + A2(m_i), A(x) = x + U(GELU(D(x))); the frozen patch
+    merging on e at stage boundaries; the output norms on each stage's e."""
+    backbone = model.backbone
+    with torch.no_grad():
+        lane = backbone.embed(images)
+    highway, outputs = lane, []
+    for stage, adapters in zip(backbone.layers, model.highway):
+        if not isinstance(stage.downsample, nn.Identity):
+            with torch.no_grad():
+                lane = stage.downsample(lane)
+            highway = stage.downsample(highway)
+        for block, adapter in zip(stage.blocks, adapters):
+            with torch.no_grad():
+                a = block.attention_branch(lane)
+                m = block.mlp_branch(lane + a)
+                lane = lane + a + m
+            highway = highway + (a + adapter.attn(a)) + (m + adapter.mlp(m))
+        outputs.append(highway)
+    return backbone.finish(outputs)
+
+
+def _randomise(module: nn.Module, scale: float = 0.1) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn_like(p))
+
+
+# --------------------------------------------------------------------------------------------
+# Values
+
+
+def test_zero_up_highway_reproduces_the_frozen_backbone_at_an_odd_size():
+    model = _e3va(init="zero_up").eval()
+    images = torch.randn(*ODD_SIZE)
+    with torch.no_grad():
+        highway = _inputs_of_output_norms(model, images)
+        backbone = model.backbone.stage_outputs(images)
+    for e, l in zip(highway, backbone):
+        assert e.shape == l.shape
+        torch.testing.assert_close(e, l, atol=1e-5, rtol=1e-5)
+
+
+def test_kaiming_highway_follows_the_paper_equations_in_value_and_gradient():
+    model = _e3va(seed=3).double()
+    _randomise(model.highway)  # biases too, so every term matters
+    images = torch.randn(*ODD_SIZE, dtype=torch.float64)
+
+    def run(forward):
+        model.zero_grad(set_to_none=True)
+        out = forward(model, images)
+        sum((v * torch.linspace(-1, 1, v.numel(), dtype=v.dtype).view_as(v)).sum() for v in out.values()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return out, grads
+
+    fused_out, fused_grads = run(HighwayBackbone.forward)
+    ref_out, ref_grads = run(_reference_forward)
+    for key in ref_out:
+        torch.testing.assert_close(fused_out[key], ref_out[key], atol=1e-10, rtol=1e-10)
+    assert fused_grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(fused_grads[name], ref_grads[name], atol=1e-9, rtol=1e-9, msg=name)
+    # With non-zero U the highway is not the backbone any more.
+    with torch.no_grad():
+        plain = model.backbone.stage_outputs(images)
+    assert (model.backbone.output_norms[0](plain[0]).permute(0, 3, 1, 2) - fused_out["res2"]).abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# Gradients
+
+
+def test_one_backward_reaches_every_highway_parameter_and_no_backbone_weight():
+    model = _e3va()
+    out = model(torch.randn(*ODD_SIZE))
+    sum((v * torch.randn_like(v)).mean() for v in out.values()).backward()
+    for name, p in model.named_parameters():
+        if name.startswith("highway.") or re.match(r"backbone\.norm[0-3]\.", name):
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+        else:
+            assert name.startswith("backbone.")
+            assert p.grad is None, f"frozen {name} received a gradient"
+    highway = [n for n, _ in model.named_parameters() if n.startswith("highway.")]
+    assert len(highway) == 2 * 6 * sum(TINY["depths"])  # two adapters of six tensors per block
+
+
+class _InsideBackbone:
+    """Counts tensors autograd saves while the frozen backbone's own code is running."""
+
+    def __init__(self, backbone: nn.Module, monkeypatch):
+        self.depth = 0
+        self.inside = 0
+        self.outside = 0
+        output_norms = set(backbone.output_norms)
+        for module in backbone.modules():
+            if module is backbone or module in output_norms:
+                continue
+            module.register_forward_pre_hook(self._enter)
+            module.register_forward_hook(self._leave)
+        # The highway calls the blocks' branches and the embedding directly, not block.forward.
+        for stage in backbone.layers:
+            for block in stage.blocks:
+                for method in ("attention_branch", "mlp_branch"):
+                    monkeypatch.setattr(block, method, self._wrap(getattr(block, method)))
+        monkeypatch.setattr(backbone, "embed", self._wrap(backbone.embed))
+
+    def _enter(self, *args):
+        self.depth += 1
+
+    def _leave(self, *args):
+        self.depth -= 1
+
+    def _wrap(self, fn):
+        def wrapped(*args, **kwargs):
+            self._enter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._leave()
+        return wrapped
+
+    def pack(self, tensor):
+        if self.depth:
+            self.inside += 1
+        else:
+            self.outside += 1
+        return tensor
+
+
+@pytest.mark.parametrize(("method", "saves_inside"), [("e3va", False), ("full", True)])
+def test_no_backbone_activation_is_saved_for_backward(method, saves_inside, monkeypatch):
+    """``full`` is the control: the same instrumentation does see its saved activations."""
+    model = build_tuning(method).apply(_plain())
+    backbone = model.backbone if isinstance(model, HighwayBackbone) else model
+    probe = _InsideBackbone(backbone, monkeypatch)
+    with torch.autograd.graph.saved_tensors_hooks(probe.pack, lambda t: t):
+        out = model(torch.randn(*ODD_SIZE))
+    assert probe.depth == 0
+    assert probe.outside > 0  # the highway (or full's own glue) does save what backward needs
+    assert (probe.inside > 0) == saves_inside
+    sum(v.mean() for v in out.values()).backward()  # and backward still works with what was kept
+
+
+def test_e3va_saves_far_fewer_bytes_for_backward_than_full():
+    figures = {}
+    for method in ("full", "e3va"):
+        model = build_tuning(method).apply(_plain())
+        images = torch.randn(2, 3, 128, 160)
+
+        def step():
+            out = model(images)
+            sum(v.mean() for v in out.values()).backward()
+
+        figures[method] = saved_tensor_bytes(step, exclude=model.parameters())
+    assert figures["full"] > 0 and figures["e3va"] > 0
+    assert figures["e3va"] < 0.25 * figures["full"], figures
+
+
+# --------------------------------------------------------------------------------------------
+# The fused pieces against plain autograd
+
+
+def _step_case(dim: int = 8, rank: int = 2, shape=(2, 3, 4), seed: int = 0):
+    torch.manual_seed(seed)
+    block = HighwayBlock(dim, rank).double()
+    _randomise(block, 0.5)
+    d = torch.randn(*shape, dim, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(*shape, dim, dtype=torch.float64)
+    m = torch.randn(*shape, dim, dtype=torch.float64)
+    return block, d, a, m
+
+
+def test_fused_highway_step_equals_plain_autograd_in_value_and_gradients():
+    block, d, a, m = _step_case()
+    weights = torch.randn_like(d)
+    results = []
+    for forward in (lambda: block(d, a, m), lambda: d + block.attn(a) + block.mlp(m)):
+        block.zero_grad(set_to_none=True)
+        d.grad = None
+        out = forward()
+        (out * weights).sum().backward()
+        results.append((out.detach(), d.grad.clone(), {n: p.grad.clone() for n, p in block.named_parameters()}))
+    (fused, fused_d, fused_p), (ref, ref_d, ref_p) = results
+    torch.testing.assert_close(fused, ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(fused_d, ref_d, atol=1e-12, rtol=1e-12)
+    assert fused_p.keys() == ref_p.keys() and len(ref_p) == 12
+    for name in ref_p:
+        torch.testing.assert_close(fused_p[name], ref_p[name], atol=1e-10, rtol=1e-10, msg=name)
+        assert ref_p[name].abs().sum() > 0, name
+
+
+def test_fused_highway_step_passes_gradcheck():
+    block, d, a, m = _step_case(dim=4, rank=1, shape=(1, 2, 3))
+    names = [n for n, _ in block.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for p in block.parameters()]
+
+    def step(d, *params):
+        return functional_call(block, dict(zip(names, params)), (d, a, m))
+
+    assert torch.autograd.gradcheck(step, (d, *params))
+
+
+def _merge_case(seed: int = 0, shape=(2, 4, 6, 6)):
+    torch.manual_seed(seed)
+    merge = PatchMerging(dim=shape[-1], out_dim=2 * shape[-1]).double()
+    _randomise(merge, 0.5)
+    merge.requires_grad_(False)  # frozen, as in the backbone
+    e = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    return merge, e
+
+
+def test_merge_frozen_equals_patch_merging_in_value_and_gradient():
+    merge, e = _merge_case()
+    weights = torch.randn(2, 2, 3, 12, dtype=torch.float64)
+    results = []
+    for forward in (merge_frozen, lambda mod, x: mod(x)):
+        e.grad = None
+        out = forward(merge, e)
+        (out * weights).sum().backward()
+        results.append((out.detach(), e.grad.clone()))
+    (fused, fused_grad), (ref, ref_grad) = results
+    assert fused.shape == (2, 2, 3, 12)
+    torch.testing.assert_close(fused, ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(fused_grad, ref_grad, atol=1e-12, rtol=1e-12)
+
+
+def test_merge_frozen_passes_gradcheck():
+    merge, e = _merge_case(seed=1, shape=(1, 2, 4, 3))
+    assert torch.autograd.gradcheck(lambda x: merge_frozen(merge, x), (e,))
+
+
+def test_dual_low_rank_adapter_is_a_sum_of_two_rank_r_products():
+    """D = s_1 t_1 + s_2 t_2 with rank-r factors: as one matrix its rank is at most 2r."""
+    torch.manual_seed(0)
+    adapter = DualLowRankAdapter(dim=32, rank=3)
+    assert adapter.down_t.shape == (6, 32) and adapter.down_s.shape == (16, 6)
+    assert adapter.up_t.shape == (6, 16) and adapter.up_s.shape == (32, 6)
+    down = adapter.down_s @ adapter.down_t
+    assert torch.linalg.matrix_rank(down) == 6
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        expected = torch.nn.functional.gelu(x @ down.T + adapter.down_bias) @ (adapter.up_s @ adapter.up_t).T
+        torch.testing.assert_close(adapter(x), expected + adapter.up_bias, atol=1e-5, rtol=1e-5)
+    zero = DualLowRankAdapter(dim=32, rank=3, init="zero_up")
+    assert torch.count_nonzero(zero.up_s) == 0 and torch.count_nonzero(zero.down_t) > 0
