@@ -2,15 +2,18 @@
 
 Every method runs in this one process on the same inputs, and the timed steps are interleaved
 (method A, B, C, A, B, C, ...), so drifts of a shared machine hit all methods alike and the
-ratios between methods are what to read. A step is: the tuned backbone with its pre-FPN output
+ratios between methods are what to read. A backbone step is: the tuned backbone with its pre-FPN output
 norms, a simple loss on the four outputs (their mean, weighted by fixed random probes: a linear
 stand-in for the neck whose own backward costs one multiply), backward, AdamW step. Where nothing in
 the backbone trains (FIXED) the step is the forward pass alone: that is all FIXED costs here, the
 neck and heads that train in a detector being outside the backbone (the detector-level bench
-measures those).
+measures those). A detector step (``detector="mask_rcnn"``, ...) is that detector's whole
+training step, its losses on a fixed synthetic batch, with the neck and heads training for every
+method: the papers' memory column.
 
 Figures per method:
 - ``trainable``: trainable parameters in the backbone (adapters, highway and norms included);
+  gradients and optimizer state below count every trainable parameter, heads included;
 - ``saved_bytes``: bytes autograd keeps for backward (saved-tensor hooks, unique storages,
   parameters excluded since they are resident anyway);
 - ``train_bytes``: saved_bytes + gradients + AdamW state of the trainable parameters;
@@ -45,23 +48,18 @@ class BenchResult:
 
 
 class _Subject:
-    """One method's model, its optimizer and a step function."""
+    """One method's model, its optimizer and a training step on fixed inputs."""
 
-    def __init__(self, method: str, backbone: str, device: torch.device, backbone_kwargs: dict):
-        torch.manual_seed(0)
+    def __init__(self, method: str, model: nn.Module, backbone: nn.Module, loss_fn):
         self.method = method
-        self.backbone = build_tuning(method).apply(build_swin(backbone, **backbone_kwargs)).to(device)
-        self.params = [p for p in self.backbone.parameters() if p.requires_grad]
-        self.trainable = sum(p.numel() for p in self.params)
+        self.model = model
+        self.loss_fn = loss_fn
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.trainable = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4) if self.params else None
-        self.probes: list[torch.Tensor] | None = None
 
-    def step(self, images: torch.Tensor) -> None:
-        features = self.backbone(images).values()
-        if self.probes is None:
-            generator = torch.Generator(device=images.device).manual_seed(0)
-            self.probes = [torch.randn(f.shape, generator=generator, device=f.device) for f in features]
-        loss = sum((f * probe).mean() for f, probe in zip(features, self.probes))
+    def step(self) -> None:
+        loss = self.loss_fn()
         if self.optimizer is not None:
             loss.backward()
             self.optimizer.step()
@@ -69,13 +67,59 @@ class _Subject:
 
     def persistent_bytes(self) -> int:
         """Weights (frozen ones too) and optimizer state: what stays on the device between steps."""
-        weights = sum(_nbytes(t) for t in [*self.backbone.parameters(), *self.backbone.buffers()])
+        weights = sum(_nbytes(t) for t in [*self.model.parameters(), *self.model.buffers()])
         state = self.optimizer.state.values() if self.optimizer else ()
         return weights + sum(_nbytes(v) for s in state for v in s.values() if torch.is_tensor(v))
 
     def grad_and_state_bytes(self) -> int:
         """Gradient + AdamW's exp_avg and exp_avg_sq for every trainable parameter."""
         return sum(3 * _nbytes(p) for p in self.params)
+
+
+def _backbone_subject(method: str, backbone: str, images: torch.Tensor, backbone_kwargs: dict) -> _Subject:
+    torch.manual_seed(0)
+    model = build_tuning(method).apply(build_swin(backbone, **backbone_kwargs)).to(images.device)
+    with torch.no_grad():
+        shapes = [f.shape for f in model(images).values()]
+    generator = torch.Generator(device=images.device).manual_seed(0)
+    probes = [torch.randn(shape, generator=generator, device=images.device) for shape in shapes]
+
+    def loss() -> torch.Tensor:
+        return sum((f * probe).mean() for f, probe in zip(model(images).values(), probes))
+    return _Subject(method, model, model, loss)
+
+
+def _detector_subject(method: str, engine: str, detector: str, backbone: str, images: torch.Tensor,
+                      backbone_kwargs: dict) -> _Subject:
+    from detectors.engines import build_detector
+    torch.manual_seed(0)
+    model = build_detector(engine, detector, NUM_CLASSES, backbone, method, **backbone_kwargs).to(images.device)
+    model.train()
+    batch = [image for image in images]
+    targets = synthetic_targets(len(batch), tuple(images.shape[-2:]), images.device)
+
+    def loss() -> torch.Tensor:
+        torch.manual_seed(0)  # the same anchor and proposal sampling in every step
+        return sum(model(batch, targets).values())
+    return _Subject(method, model, model.backbone, loss)
+
+
+NUM_CLASSES = 3
+
+
+def synthetic_targets(count: int, size: tuple[int, int], device: torch.device) -> list[dict]:
+    """Three boxes with masks per image, fixed, so every method sees the same detection problem."""
+    height, width = size
+    targets = []
+    for i in range(count):
+        boxes = torch.tensor([[0.1, 0.1, 0.4, 0.5], [0.5, 0.2, 0.9, 0.6], [0.2 + 0.05 * i, 0.6, 0.6, 0.95]])
+        boxes = boxes * torch.tensor([width, height, width, height])
+        masks = torch.zeros(len(boxes), height, width, dtype=torch.uint8)
+        for mask, (x0, y0, x1, y1) in zip(masks, boxes.round().long().tolist()):
+            mask[y0:y1, x0:x1] = 1
+        targets.append({"boxes": boxes.to(device), "labels": torch.tensor([1, 2, 3], device=device),
+                        "masks": masks.to(device)})
+    return targets
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -161,18 +205,27 @@ def _sync(device: torch.device) -> None:
 
 def benchmark(backbone: str = "swin_t", methods: tuple[str, ...] = ("full", "fixed", "e3va"),
               size: tuple[int, int] = (512, 640), batch: int = 2, device: str = "cpu", repeats: int = 5,
-              backbone_kwargs: dict | None = None, progress=None) -> list[BenchResult]:
-    """Measure ``methods`` side by side; see the module docstring for what each figure means."""
+              detector: str | None = None, engine: str = "torchvision", backbone_kwargs: dict | None = None,
+              progress=None) -> list[BenchResult]:
+    """Measure ``methods`` side by side; see the module docstring for what each figure means.
+
+    Without ``detector`` a step is the backbone and a probe loss; with one (``mask_rcnn``, ...)
+    it is that detector's full training step on a fixed synthetic batch.
+    """
     dev = torch.device(device)
-    subjects = [_Subject(m, backbone, dev, backbone_kwargs or {}) for m in methods]
-    images = torch.randn(batch, 3, *size, device=dev, generator=None)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, 3, *size, generator=generator).to(dev)
+    if detector is None:
+        subjects = [_backbone_subject(m, backbone, images, backbone_kwargs or {}) for m in methods]
+    else:
+        subjects = [_detector_subject(m, engine, detector, backbone, images, backbone_kwargs or {}) for m in methods]
     results = {}
     for s in subjects:  # warm-up creates optimizer state; then one step each for bytes and peak
-        s.step(images)
-        saved = saved_tensor_bytes(lambda: s.step(images), exclude=s.backbone.parameters())
+        s.step()
+        saved = saved_tensor_bytes(s.step, exclude=s.model.parameters())
         _sync(dev)
         with _transient_peak(dev) as transient:
-            s.step(images)
+            s.step()
         results[s.method] = dict(trainable=s.trainable, saved_bytes=saved,
                                  train_bytes=saved + s.grad_and_state_bytes(),
                                  peak_bytes=s.persistent_bytes() + transient["peak"], times=[])
@@ -182,7 +235,7 @@ def benchmark(backbone: str = "swin_t", methods: tuple[str, ...] = ("full", "fix
         for s in subjects:
             _sync(dev)
             start = time.perf_counter()
-            s.step(images)
+            s.step()
             _sync(dev)
             results[s.method]["times"].append(time.perf_counter() - start)
         if progress:

@@ -43,7 +43,8 @@ def _cmd_params(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from orchestrator.bench import run_bench
     run_bench(backbone=args.backbone, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
-              size=args.size, batch=args.batch, device=args.device, repeats=args.repeats, as_json=args.json)
+              size=args.size, batch=args.batch, device=args.device, repeats=args.repeats, as_json=args.json,
+              detector=args.detector, engine=args.engine)
     return 0
 
 
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, default=2)
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     bench.add_argument("--repeats", type=int, default=5, help="timed steps per method, interleaved")
+    bench.add_argument("--detector", default=None,
+                       help="measure a whole detector training step: mask_rcnn, faster_rcnn, retinanet "
+                            "(torchvision) or cascade_mask_rcnn (detectron2); default: the backbone alone")
+    bench.add_argument("--engine", default=None, help="detector engine (default: the one that has --detector)")
     bench.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     bench.set_defaults(func=_cmd_bench)
     return parser

@@ -85,4 +85,4 @@ def test_bench_table_prints_ratios_to_full_and_fixed():
     assert result.returncode == 0, result.stderr
     assert "time/full" in result.stdout and "time/fixed" in result.stdout
     e3va_row = next(line for line in result.stdout.splitlines() if line.startswith("e3va"))
-    assert len(e3va_row.split()) == 11
+    assert len(e3va_row.split()) == 13

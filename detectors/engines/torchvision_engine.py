@@ -1,0 +1,113 @@
+"""The torchvision engine: Mask R-CNN, Faster R-CNN and RetinaNet on the tuned Swin + FPN.
+
+It runs wherever torch runs, so it is the embedded default and what CI trains end to end.
+Resizing is the data pipeline's job (``detectors.data.transforms``), so torchvision's own
+transform only normalises and pads to a multiple of 32.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+
+from detectors.engines.base import ENGINES, Detector, Engine
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FPN_CHANNELS = 256
+
+
+class SwinFPN(nn.Module):
+    """Tuned backbone -> FPN, in the form torchvision's detectors expect (``out_channels``)."""
+
+    def __init__(self, body: nn.Module, in_features: tuple[str, ...], extra_blocks: nn.Module):
+        super().__init__()
+        self.body = body
+        self.in_features = in_features
+        names = ("res2", "res3", "res4", "res5")
+        channels = [body.out_channels[names.index(f)] for f in in_features]
+        self.fpn = FeaturePyramidNetwork(channels, FPN_CHANNELS, extra_blocks=extra_blocks)
+        self.out_channels = FPN_CHANNELS
+
+    def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        features = self.body(images)
+        return self.fpn(OrderedDict((name, features[name]) for name in self.in_features))
+
+
+class _NormaliseAndPad(GeneralizedRCNNTransform):
+    """torchvision's transform without its resize: the data pipeline already resized."""
+
+    def __init__(self, size_divisible: int):
+        super().__init__(min_size=800, max_size=1333, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
+                         size_divisible=size_divisible)
+
+    def resize(self, image, target=None):
+        return image, target
+
+
+def _mask_rcnn(body: nn.Module, num_classes: int) -> nn.Module:
+    levels = ("res2", "res3", "res4", "res5")
+    return MaskRCNN(SwinFPN(body, levels, LastLevelMaxPool()), num_classes=num_classes,
+                    box_roi_pool=MultiScaleRoIAlign(list(levels), output_size=7, sampling_ratio=2),
+                    mask_roi_pool=MultiScaleRoIAlign(list(levels), output_size=14, sampling_ratio=2))
+
+
+def _faster_rcnn(body: nn.Module, num_classes: int) -> nn.Module:
+    levels = ("res2", "res3", "res4", "res5")
+    return FasterRCNN(SwinFPN(body, levels, LastLevelMaxPool()), num_classes=num_classes,
+                      box_roi_pool=MultiScaleRoIAlign(list(levels), output_size=7, sampling_ratio=2))
+
+
+def _retinanet(body: nn.Module, num_classes: int) -> nn.Module:
+    # As in the RetinaNet paper: P3-P5 from the backbone, P6 and P7 from P5.
+    return RetinaNet(SwinFPN(body, ("res3", "res4", "res5"), LastLevelP6P7(FPN_CHANNELS, FPN_CHANNELS)),
+                     num_classes=num_classes)
+
+
+TORCHVISION_DETECTORS: dict[str, Callable[[nn.Module, int], nn.Module]] = {
+    "mask_rcnn": _mask_rcnn,
+    "faster_rcnn": _faster_rcnn,
+    "retinanet": _retinanet,
+}
+
+
+class TorchvisionDetector(Detector):
+    engine = "torchvision"
+
+    def __init__(self, name: str, model: nn.Module):
+        super().__init__()
+        self.name = name
+        self.model = model
+        self.has_masks = isinstance(model, MaskRCNN)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.model.backbone.body
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
+        return self.model(images, targets)
+
+    @torch.no_grad()
+    def predict(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        was_training = self.training
+        self.eval()
+        try:
+            return self.model(images)
+        finally:
+            self.train(was_training)
+
+
+def build_torchvision_detector(detector: str, backbone: nn.Module, num_classes: int) -> TorchvisionDetector:
+    """``num_classes`` counts the object classes; torchvision adds the background class 0."""
+    model = TORCHVISION_DETECTORS[detector](backbone, num_classes + 1)
+    model.transform = _NormaliseAndPad(size_divisible=backbone.size_divisibility)
+    return TorchvisionDetector(detector, model)
+
+
+ENGINES.register("torchvision")(Engine(detectors=tuple(TORCHVISION_DETECTORS), build=build_torchvision_detector))
