@@ -31,12 +31,14 @@ class ParamCount:
         return {**dataclasses.asdict(self), "percent": round(self.percent, 4)}
 
 
-def count_parameters(backbone: str, method: str, overrides: dict[str, Any] | None = None) -> ParamCount:
-    """Count for a method or a named variant (``e3va++``), with hyperparameter overrides."""
+def count_parameters(backbone: str, method: str, overrides: dict[str, Any] | None = None,
+                     **backbone_overrides: Any) -> ParamCount:
+    """Count for a method or a named variant (``e3va++``), with hyperparameter overrides;
+    ``backbone_overrides`` change the Swin spec (e.g. ``depths`` of a small model)."""
     name, cfg = resolve_method(method, overrides)
     with torch.device("meta"):
-        plain_total = sum(p.numel() for p in build_swin(backbone).parameters())
-        tuned = TUNING_METHODS.get(name)(cfg).apply(build_swin(backbone))
+        plain_total = sum(p.numel() for p in build_swin(backbone, **backbone_overrides).parameters())
+        tuned = TUNING_METHODS.get(name)(cfg).apply(build_swin(backbone, **backbone_overrides))
     return ParamCount(
         backbone=backbone, method=name, variant=method, hyperparameters=dataclasses.asdict(cfg),
         trainable=sum(p.numel() for p in tuned.parameters() if p.requires_grad),

@@ -48,6 +48,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from orchestrator.config import load_experiment
+    cfg = load_experiment(args.experiment, args.set)
+    from orchestrator.run import run_experiment
+    outcome = run_experiment(cfg)
+    print(f"finished: MLflow run {outcome['run_id']} in {outcome['tracking_uri']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--engine", default=None, help="detector engine (default: the one that has --detector)")
     bench.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     bench.set_defaults(func=_cmd_bench)
+    run = commands.add_parser("run", help="train one experiment with Ray Train, tracked in MLflow")
+    run.add_argument("experiment", help="experiment YAML file")
+    run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="override a field, e.g. schedule.lr=0.001 (repeatable)")
+    run.set_defaults(func=_cmd_run)
     return parser
 
 

@@ -1,0 +1,91 @@
+"""Checkpoints that hold only what trains, in safetensors, plus what they belong to.
+
+A checkpoint directory holds ``trainable.safetensors`` (trainable parameters by name, and the
+optimizer's tensors under ``optimizer/<index>/<key>``) and ``state.json`` (step, scheduler and
+optimizer hyperparameters, and the identity of the frozen backbone: name, method,
+hyperparameters and a SHA-256 fingerprint of its frozen weights). Directories are written
+atomically: to a temporary sibling, then renamed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from detectors.errors import UserInputError
+
+WEIGHTS = "trainable.safetensors"
+STATE = "state.json"
+
+
+def backbone_fingerprint(backbone: nn.Module) -> str:
+    """SHA-256 over the frozen backbone weights: which pre-trained model the adapters fit."""
+    digest = hashlib.sha256()
+    for name, param in sorted(backbone.named_parameters()):
+        if not param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, step: int, identity: dict[str, Any]) -> Path:
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tensors = {f"model/{name}": p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    optimizer_state = optimizer.state_dict()
+    for index, state in optimizer_state["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer/{index}/{key}"] = value.detach().cpu().contiguous()
+    save_file(tensors, str(staging / WEIGHTS))
+    (staging / STATE).write_text(json.dumps({
+        "step": step, "identity": identity, "scheduler": scheduler.state_dict(),
+        "optimizer_param_groups": optimizer_state["param_groups"]}, indent=2, default=str))
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(staging, directory)
+    return directory
+
+
+def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None, identity: dict[str, Any]) -> int:
+    """Restore and return the step; refuse a checkpoint made for another backbone or method."""
+    directory = Path(directory)
+    try:
+        state = json.loads((directory / STATE).read_text())
+        tensors = load_file(str(directory / WEIGHTS))
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"cannot read checkpoint {directory}: {exc}") from None
+    theirs = state.get("identity", {})
+    for key in ("backbone", "method", "hyperparameters", "fingerprint"):
+        if theirs.get(key) != identity.get(key):
+            raise UserInputError(f"checkpoint {directory} belongs to another model: its {key} is "
+                                 f"{theirs.get(key)!r}, this run has {identity.get(key)!r}")
+    weights = {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in weights]
+    if missing:
+        raise UserInputError(f"checkpoint {directory} lacks {len(missing)} trainable parameters, e.g. {missing[0]}")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in weights:
+                param.copy_(weights[name])
+    if optimizer is not None:
+        per_param: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer/"):
+                _, index, name = key.split("/", 2)
+                per_param.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer_param_groups"]})
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"])

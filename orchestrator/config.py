@@ -1,0 +1,205 @@
+"""The experiment YAML: a typed, validated schema, loaded with ``--set key.path=value`` overrides.
+
+Errors are one line naming the file, the field and what was expected, e.g.
+``experiments/x.yaml: schedule.lr: Input should be a valid number (got 'fast')``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from detectors.data.transforms import SWIN_MAX_SIZE, SWIN_TEST_SHORT_EDGE, SWIN_TRAIN_SHORT_EDGES
+from detectors.errors import UserInputError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SyntheticData(_Strict):
+    """The built-in dataset: coloured shapes with boxes and masks, written once under ``root``."""
+    root: Path = Path("outputs/synthetic")
+    num_train: int = Field(64, ge=1)
+    num_val: int = Field(16, ge=1)
+    image_size: tuple[int, int] = (128, 160)
+    num_classes: int = Field(3, ge=1, le=5)
+    seed: int = 0
+
+
+class DataConfig(_Strict):
+    synthetic: SyntheticData | None = None
+    train_images: Path | None = None
+    train_json: Path | None = None
+    val_images: Path | None = None
+    val_json: Path | None = None
+    train_short_edges: list[int] = list(SWIN_TRAIN_SHORT_EDGES)
+    test_short_edge: int = SWIN_TEST_SHORT_EDGE
+    max_size: int = SWIN_MAX_SIZE
+    flip: float = Field(0.5, ge=0, le=1)
+    loader_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        paths = [self.train_images, self.train_json, self.val_images, self.val_json]
+        if self.synthetic is None and any(p is None for p in paths):
+            raise ValueError("give either 'synthetic' or all of train_images, train_json, val_images, val_json")
+        if self.synthetic is not None and any(p is not None for p in paths):
+            raise ValueError("give either 'synthetic' or dataset paths, not both")
+        return self
+
+
+class BackboneConfig(_Strict):
+    name: str = "swin_t"
+    weights: Path | None = None
+    drop_path_rate: float = Field(0.2, ge=0, lt=1)
+    # Spec overrides for small models (depths, embed_dim, num_heads, window_size).
+    overrides: dict[str, Any] = {}
+
+
+class TuningConfig(_Strict):
+    method: str = "e3va"
+    hyperparameters: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _known(self) -> "TuningConfig":
+        from detectors.tuning import resolve_method
+        resolve_method(self.method, self.hyperparameters)  # raises UserInputError naming the problem
+        return self
+
+
+class ModelConfig(_Strict):
+    engine: str = "torchvision"
+    detector: str = "mask_rcnn"
+
+
+class ScheduleConfig(_Strict):
+    """AdamW with linear warm-up and step decays, as the papers train."""
+    iterations: int | None = Field(None, ge=1)
+    epochs: int | None = Field(None, ge=1)
+    batch_size: int = Field(2, ge=1, description="images per worker and step")
+    lr: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_iterations: int = Field(0, ge=0)
+    warmup_factor: float = Field(0.001, gt=0, le=1)
+    decay_at: list[float] = Field([], description="iterations (or epochs, with 'epochs') where lr drops")
+    gamma: float = Field(0.1, gt=0)
+    clip_grad_norm: float | None = Field(None, gt=0)
+    amp: bool = Field(True, description="mixed precision on GPU; ignored on CPU")
+
+    @model_validator(mode="after")
+    def _length(self) -> "ScheduleConfig":
+        if (self.iterations is None) == (self.epochs is None):
+            raise ValueError("give exactly one of 'iterations' and 'epochs'")
+        return self
+
+
+class PeriodConfig(_Strict):
+    period: int = Field(0, ge=0, description="every this many iterations; 0: only at the end")
+
+
+class ScalingConfig(_Strict):
+    workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(1, gt=0)
+    gpu_kind: str | None = None
+
+
+class TrackingConfig(_Strict):
+    uri: str | None = Field(None, description="MLflow tracking URI; default: sqlite under output_dir")
+    experiment: str = "e3va-detection"
+
+
+class ExperimentConfig(_Strict):
+    name: str = "experiment"
+    data: DataConfig
+    backbone: BackboneConfig = BackboneConfig()
+    tuning: TuningConfig = TuningConfig()
+    model: ModelConfig = ModelConfig()
+    schedule: ScheduleConfig
+    evaluation: PeriodConfig = PeriodConfig()
+    checkpoint: PeriodConfig = PeriodConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    output_dir: Path = Path("outputs")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not value or any(c in value for c in "/\\"):
+            raise ValueError("must be a non-empty name without slashes")
+        return value
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / self.name
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``["schedule.lr=0.001", "tuning.hyperparameters.rank=16"]`` applied to a raw config dict."""
+    for item in overrides:
+        path, sep, text = item.partition("=")
+        if not sep or not path:
+            raise UserInputError(f"--set {item!r}: expected key.path=value")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise UserInputError(f"--set {item!r}: cannot read the value {text!r}") from None
+        node = raw
+        keys = path.split(".")
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise UserInputError(f"--set {item!r}: {key} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def _describe(error: dict) -> str:
+    location = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif error["type"] == "missing":
+        message = "required field is missing"
+    elif "input" in error and not isinstance(error["input"], dict):
+        message += f" (got {error['input']!r})"
+    return f"{location}: {message}"
+
+
+def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"experiment file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise UserInputError(f"{path}: not valid YAML{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise UserInputError(f"{path}: expected a mapping of sections, got a {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides)
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise UserInputError(f"{path}: {_describe(exc.errors()[0])}") from None
+    except UserInputError as exc:
+        raise UserInputError(f"{path}: {exc}") from None
+
+
+def check_inputs_exist(cfg: ExperimentConfig) -> None:
+    """Missing datasets and weight files are found before any worker starts."""
+    fields = {"data.train_images": cfg.data.train_images, "data.train_json": cfg.data.train_json,
+              "data.val_images": cfg.data.val_images, "data.val_json": cfg.data.val_json,
+              "backbone.weights": cfg.backbone.weights}
+    for name, value in fields.items():
+        if value is not None and not Path(value).exists():
+            raise UserInputError(f"{name}: {value} does not exist")

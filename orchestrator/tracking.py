@@ -1,0 +1,59 @@
+"""MLflow from world rank 0 only, and never at the cost of the training run.
+
+If the tracking server cannot be reached, training goes on and says so once.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def default_uri(run_dir: Path) -> str:
+    """The embedded default: a sqlite store beside the run's outputs."""
+    return f"sqlite:///{(run_dir.parent / 'mlflow.db').resolve()}"
+
+
+class Tracker:
+    """Thin, failure-tolerant wrapper around an MLflow client and one run."""
+
+    def __init__(self, uri: str, run_id: str | None):
+        self.uri = uri
+        self.run_id = run_id
+        self._client = None
+        self._warned = False
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    def _call(self, fn, *args, **kwargs) -> Any:
+        if self.run_id is None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - tracking must never stop training
+            if not self._warned:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                print(f"warning: MLflow tracking at {self.uri} failed ({first}); training continues "
+                      f"without it", flush=True)
+                self._warned = True
+            return None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+        import time
+        now = int(time.time() * 1000)
+        batch = [Metric(key=k.replace("/", "_"), value=float(v), timestamp=now, step=step)
+                 for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
+        if batch:
+            self._call(self.client.log_batch, self.run_id, metrics=batch, synchronous=True)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._call(self.client.log_artifact, self.run_id, str(path), artifact_path)
