@@ -57,6 +57,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from orchestrator.demo import run_demo
+    run_demo(args.set)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override a field, e.g. schedule.lr=0.001 (repeatable)")
     run.set_defaults(func=_cmd_run)
+
+    demo = commands.add_parser("demo", help="train an E3VA detector on synthetic data via local Ray and MLflow")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                      help="override a field of experiments/demo.yaml (repeatable)")
+    demo.set_defaults(func=_cmd_demo)
     return parser
 
 

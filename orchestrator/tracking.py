@@ -5,7 +5,6 @@ If the tracking server cannot be reached, training goes on and says so once.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +49,9 @@ class Tracker:
         from mlflow.entities import Metric
         import time
         now = int(time.time() * 1000)
+        # NaN is kept: COCO reports it for a size bucket without ground truth.
         batch = [Metric(key=k.replace("/", "_"), value=float(v), timestamp=now, step=step)
-                 for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
+                 for k, v in metrics.items() if v is not None]
         if batch:
             self._call(self.client.log_batch, self.run_id, metrics=batch, synchronous=True)
 

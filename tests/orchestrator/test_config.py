@@ -1,0 +1,58 @@
+"""Experiment YAML: overrides and one-line errors naming the file and the field."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from detectors.errors import UserInputError
+from orchestrator.config import load_experiment
+
+DEMO = Path(__file__).resolve().parents[2] / "experiments" / "demo.yaml"
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_demo_experiment_loads_and_overrides_apply():
+    cfg = load_experiment(DEMO, ["schedule.lr=0.01", "tuning.hyperparameters.rank=16", "scaling.workers=2"])
+    assert cfg.schedule.lr == 0.01 and cfg.tuning.hyperparameters == {"rank": 16} and cfg.scaling.workers == 2
+    assert cfg.tuning.method == "e3va" and cfg.model.detector == "mask_rcnn"
+
+
+@pytest.mark.parametrize("text, overrides, expected", [
+    ("data: {synthetic: {}}\nschedule: {iterations: [1\n", [], "not valid YAML at line"),
+    ("data: {synthetic: {}}\nschedule: {iterations: 10, lr: fast}\n", [], "schedule.lr: .*got 'fast'"),
+    ("data: {synthetic: {}}\nschedule: {iterations: 10}\nschedul: {}\n", [], "schedul: unknown key"),
+    ("data: {synthetic: {}}\nschedule: {iterations: 10}\n", ["tuning.method=e4va"], "unknown tuning method 'e4va'"),
+    ("data: {synthetic: {}}\nschedule: {iterations: 10}\n", ["tuning.hyperparameters.kernel=8"],
+     "unknown hyperparameter 'kernel'"),
+    ("data: {synthetic: {}}\n", [], "schedule: required field is missing"),
+    ("data: {synthetic: {}}\nschedule: {iterations: 10, epochs: 2}\n", [], "exactly one of 'iterations'"),
+    ("data: {}\nschedule: {iterations: 10}\n", [], "either 'synthetic' or all of"),
+])
+def test_bad_experiments_name_the_file_and_field(tmp_path, text, overrides, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(UserInputError, match=expected) as info:
+        load_experiment(path, overrides)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("field, value", [("data.train_json", "missing/instances.json"),
+                                          ("backbone.weights", "missing/swin.pth")])
+def test_run_refuses_missing_files_before_creating_anything(tmp_path, field, value):
+    text = DEMO.read_text()
+    args = [sys.executable, "-m", "orchestrator", "run", str(DEMO), "--set", f"output_dir={tmp_path}/out",
+            "--set", f"{field}={value}"]
+    if field.startswith("data."):
+        args += ["--set", "data.synthetic=null", "--set", f"data.train_images={tmp_path}",
+                 "--set", f"data.val_images={tmp_path}", "--set", f"data.val_json={tmp_path}/v.json"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and value in lines[0], result.stderr
+    assert not (tmp_path / "out" / "mlflow.db").exists()  # no half-created run
+    assert text == DEMO.read_text()
