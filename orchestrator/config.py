@@ -73,6 +73,8 @@ class TuningConfig(_Strict):
 class ModelConfig(_Strict):
     engine: str = "torchvision"
     detector: str = "mask_rcnn"
+    # Passed to the engine's detector constructor, e.g. lighter RoI sampling for small images.
+    options: dict[str, Any] = {}
 
 
 class ScheduleConfig(_Strict):

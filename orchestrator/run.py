@@ -20,7 +20,7 @@ from detectors.errors import UserInputError
 from detectors.params import count_parameters
 from orchestrator.checkpointing import STATE, WEIGHTS
 from orchestrator.config import ExperimentConfig, check_inputs_exist
-from orchestrator.tracking import default_uri
+from orchestrator.tracking import default_uri, reachable, warn_unreachable
 from orchestrator.train_loop import dataset_paths, train_loop_per_worker
 
 
@@ -73,6 +73,9 @@ def _params(cfg: ExperimentConfig) -> dict[str, Any]:
 def _start_mlflow_run(cfg: ExperimentConfig, uri: str) -> tuple[Any, str | None]:
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=uri)
+    if not reachable(uri):
+        warn_unreachable(uri, "no answer from /health")
+        return client, None
     try:
         experiment = client.get_experiment_by_name(cfg.tracking.experiment)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.tracking.experiment)
@@ -81,8 +84,7 @@ def _start_mlflow_run(cfg: ExperimentConfig, uri: str) -> tuple[Any, str | None]
             client.log_param(run.info.run_id, key, value)
         return client, run.info.run_id
     except Exception as exc:  # noqa: BLE001 - tracking must never stop training
-        print(f"warning: MLflow tracking at {uri} failed ({str(exc).splitlines()[0]}); training continues "
-              f"without it", flush=True)
+        warn_unreachable(uri, str(exc).splitlines()[0])
         return client, None
 
 

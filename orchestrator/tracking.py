@@ -5,10 +5,32 @@ If the tracking server cannot be reached, training goes on and says so once.
 from __future__ import annotations
 
 import logging
+import os
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+# MLflow's HTTP client retries for minutes by default; a training run should not wait on it.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def reachable(uri: str, timeout: float = 3.0) -> bool:
+    """False for an http(s) tracking server that does not answer /health; True otherwise."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def warn_unreachable(uri: str, reason: str) -> None:
+    print(f"warning: MLflow tracking at {uri} is unavailable ({reason}); training continues without it",
+          flush=True)
 
 
 def default_uri(run_dir: Path) -> str:
@@ -23,7 +45,6 @@ class Tracker:
         self.uri = uri
         self.run_id = run_id
         self._client = None
-        self._warned = False
 
     @property
     def client(self):
@@ -38,11 +59,9 @@ class Tracker:
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - tracking must never stop training
-            if not self._warned:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                print(f"warning: MLflow tracking at {self.uri} failed ({first}); training continues "
-                      f"without it", flush=True)
-                self._warned = True
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            warn_unreachable(self.uri, first)
+            self.run_id = None  # said once; no more waiting on a server that is gone
             return None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:

@@ -46,7 +46,7 @@ def build_datasets(cfg: ExperimentConfig) -> tuple[CocoDetection, CocoDetection]
 def build_model(cfg: ExperimentConfig, num_classes: int):
     return build_detector(cfg.model.engine, cfg.model.detector, num_classes, backbone=cfg.backbone.name,
                           tuning=cfg.tuning.method, weights=cfg.backbone.weights,
-                          hyperparameters=cfg.tuning.hyperparameters,
+                          hyperparameters=cfg.tuning.hyperparameters, detector_options=cfg.model.options,
                           drop_path_rate=cfg.backbone.drop_path_rate, **cfg.backbone.overrides)
 
 

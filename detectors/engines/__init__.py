@@ -18,9 +18,9 @@ def _detectron2_missing() -> str | None:
     return None
 
 
-def _build_detectron2(detector: str, backbone, num_classes: int) -> Detector:
+def _build_detectron2(detector: str, backbone, num_classes: int, **options) -> Detector:
     from detectors.engines.detectron2_engine import build_detectron2_detector  # imports detectron2
-    return build_detectron2_detector(detector, backbone, num_classes)
+    return build_detectron2_detector(detector, backbone, num_classes, **options)
 
 
 ENGINES.register("detectron2")(Engine(detectors=("cascade_mask_rcnn", "retinanet"), build=_build_detectron2,
@@ -29,11 +29,13 @@ ENGINES.register("detectron2")(Engine(detectors=("cascade_mask_rcnn", "retinanet
 
 def build_detector(engine: str, detector: str, num_classes: int, backbone: str = "swin_t",
                    tuning: str = "e3va", weights: str | Path | None = None,
-                   hyperparameters: dict[str, Any] | None = None, **backbone_options: Any) -> Detector:
+                   hyperparameters: dict[str, Any] | None = None, detector_options: dict[str, Any] | None = None,
+                   **backbone_options: Any) -> Detector:
     """Build ``detector`` of ``engine`` on a Swin ``backbone`` tuned by ``tuning``.
 
     Names and availability are checked before anything large is built. ``backbone_options`` go to
-    ``build_swin`` (e.g. ``drop_path_rate``, or ``depths``/``embed_dim`` for a tiny test model).
+    ``build_swin`` (e.g. ``drop_path_rate``, or ``depths``/``embed_dim`` for a tiny test model);
+    ``detector_options`` to the engine's detector constructor.
     """
     from detectors.backbones import build_swin
     from detectors.tuning import build_tuning
@@ -45,7 +47,7 @@ def build_detector(engine: str, detector: str, num_classes: int, backbone: str =
         raise UserInputError(f"num_classes must be at least 1, got {num_classes}")
     method = build_tuning(tuning, **(hyperparameters or {}))
     tuned = method.apply(build_swin(backbone, weights=weights, **backbone_options))
-    return spec.build(detector, tuned, num_classes)
+    return spec.build(detector, tuned, num_classes, **(detector_options or {}))
 
 
 __all__ = ["ENGINES", "Detector", "Engine", "build_detector", "DETECTRON2_INSTALL"]

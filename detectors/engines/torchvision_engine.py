@@ -17,6 +17,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from detectors.engines.base import ENGINES, Detector, Engine
+from detectors.errors import UserInputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -51,26 +52,26 @@ class _NormaliseAndPad(GeneralizedRCNNTransform):
         return image, target
 
 
-def _mask_rcnn(body: nn.Module, num_classes: int) -> nn.Module:
+def _mask_rcnn(body: nn.Module, num_classes: int, **options) -> nn.Module:
     levels = ("res2", "res3", "res4", "res5")
     return MaskRCNN(SwinFPN(body, levels, LastLevelMaxPool()), num_classes=num_classes,
                     box_roi_pool=MultiScaleRoIAlign(list(levels), output_size=7, sampling_ratio=2),
-                    mask_roi_pool=MultiScaleRoIAlign(list(levels), output_size=14, sampling_ratio=2))
+                    mask_roi_pool=MultiScaleRoIAlign(list(levels), output_size=14, sampling_ratio=2), **options)
 
 
-def _faster_rcnn(body: nn.Module, num_classes: int) -> nn.Module:
+def _faster_rcnn(body: nn.Module, num_classes: int, **options) -> nn.Module:
     levels = ("res2", "res3", "res4", "res5")
     return FasterRCNN(SwinFPN(body, levels, LastLevelMaxPool()), num_classes=num_classes,
-                      box_roi_pool=MultiScaleRoIAlign(list(levels), output_size=7, sampling_ratio=2))
+                      box_roi_pool=MultiScaleRoIAlign(list(levels), output_size=7, sampling_ratio=2), **options)
 
 
-def _retinanet(body: nn.Module, num_classes: int) -> nn.Module:
+def _retinanet(body: nn.Module, num_classes: int, **options) -> nn.Module:
     # As in the RetinaNet paper: P3-P5 from the backbone, P6 and P7 from P5.
     return RetinaNet(SwinFPN(body, ("res3", "res4", "res5"), LastLevelP6P7(FPN_CHANNELS, FPN_CHANNELS)),
-                     num_classes=num_classes)
+                     num_classes=num_classes, **options)
 
 
-TORCHVISION_DETECTORS: dict[str, Callable[[nn.Module, int], nn.Module]] = {
+TORCHVISION_DETECTORS: dict[str, Callable[..., nn.Module]] = {
     "mask_rcnn": _mask_rcnn,
     "faster_rcnn": _faster_rcnn,
     "retinanet": _retinanet,
@@ -103,9 +104,17 @@ class TorchvisionDetector(Detector):
             self.train(was_training)
 
 
-def build_torchvision_detector(detector: str, backbone: nn.Module, num_classes: int) -> TorchvisionDetector:
-    """``num_classes`` counts the object classes; torchvision adds the background class 0."""
-    model = TORCHVISION_DETECTORS[detector](backbone, num_classes + 1)
+def build_torchvision_detector(detector: str, backbone: nn.Module, num_classes: int,
+                               **options) -> TorchvisionDetector:
+    """``num_classes`` counts the object classes; torchvision adds the background class 0.
+
+    ``options`` go to the torchvision constructor (e.g. ``box_batch_size_per_image=128``,
+    ``rpn_post_nms_top_n_train=300`` for small images).
+    """
+    try:
+        model = TORCHVISION_DETECTORS[detector](backbone, num_classes + 1, **options)
+    except TypeError as exc:
+        raise UserInputError(f"option not accepted by torchvision's {detector}: {exc}") from None
     model.transform = _NormaliseAndPad(size_divisible=backbone.size_divisibility)
     return TorchvisionDetector(detector, model)
 

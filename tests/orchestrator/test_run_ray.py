@@ -68,3 +68,16 @@ def test_a_worker_failure_resumes_from_the_checkpoint_without_losing_or_repeatin
     assert run.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert sorted(steps) == [1, 2, 3, 4, 5, 6], steps
+
+
+def test_training_finishes_when_the_tracking_server_is_down(tmp_path, ray_local, capsys):
+    import socket
+    from orchestrator.run import run_experiment
+    with socket.socket() as sock:  # a port on 127.0.0.1 where nothing listens: a stopped server
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = load_experiment(DEMO, FAST + [f"output_dir={tmp_path}", f"data.synthetic.root={tmp_path}/synthetic",
+                                        f"tracking.uri=http://127.0.0.1:{port}"])
+    outcome = run_experiment(cfg)
+    assert outcome["metrics"]["step"] == 4 and outcome["run_id"] is None
+    assert capsys.readouterr().out.count("training continues without it") == 1

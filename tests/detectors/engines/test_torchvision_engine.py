@@ -1,0 +1,82 @@
+"""The torchvision engine on tuned Swin backbones: every method in every detector, training,
+prediction and COCO evaluation on the synthetic dataset."""
+import itertools
+
+import pytest
+import torch
+
+from detectors.data import CocoDetection, build_transforms, collate_fn, make_synthetic_coco
+from detectors.engines import ENGINES, build_detector
+from detectors.errors import UserInputError
+from detectors.training import check_num_classes, evaluate, training_step
+from detectors.tuning import variant_table
+
+TINY = dict(depths=(1, 1, 1, 1), embed_dim=32, num_heads=(1, 2, 4, 8))
+DETECTORS = ENGINES.get("torchvision").detectors
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    paths = make_synthetic_coco(tmp_path_factory.mktemp("synthetic"), num_train=32, num_val=8,
+                                image_size=(96, 128), num_classes=3, seed=0)
+    train = CocoDetection(paths["train_images"], paths["train_json"], build_transforms(True, (96,), 128))
+    val = CocoDetection(paths["val_images"], paths["val_json"], build_transforms(False, test_short_edge=96,
+                                                                                  max_size=128))
+    return train, val
+
+
+def first_batch(dataset, size=2):
+    return collate_fn([dataset[i] for i in range(size)])
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+@pytest.mark.parametrize("method", sorted(variant_table()))
+def test_every_method_takes_a_training_step_in_every_detector(detector, method, synthetic):
+    torch.manual_seed(0)
+    model = build_detector("torchvision", detector, 3, "swin_t", method, **TINY).train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trainable]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    losses = training_step(model, optimizer, *first_batch(synthetic[0]))
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    # the neck and heads always train; the backbone only as the method says
+    neck_and_heads = [p for name, p in model.named_parameters() if "backbone.body" not in name]
+    assert all(p.requires_grad for p in neck_and_heads)
+    frozen_backbone = [p for p in model.backbone.parameters() if not p.requires_grad]
+    if method == "full":
+        assert not frozen_backbone
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainable))
+
+
+@pytest.mark.parametrize("detector", ["mask_rcnn", "retinanet"])
+def test_e3va_detector_loss_falls_and_evaluation_reports_coco_figures(detector, synthetic):
+    train, val = synthetic
+    torch.manual_seed(0)
+    model = build_detector("torchvision", detector, 3, "swin_t", "e3va", **TINY).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    loader = torch.utils.data.DataLoader(train, batch_size=4, shuffle=True, collate_fn=collate_fn,
+                                         generator=torch.Generator().manual_seed(0))
+    history = [training_step(model, optimizer, *batch, clip_norm=1.0)["loss"]
+               for batch in itertools.islice(itertools.cycle(loader), 24)]
+    assert sum(history[-6:]) / 6 < 0.8 * sum(history[:6]) / 6, history
+    metrics = evaluate(model, val)
+    for kind in ("bbox", "segm") if detector == "mask_rcnn" else ("bbox",):
+        for name in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+            assert f"{kind}/{name}" in metrics
+    assert ("segm/AP" in metrics) == (detector == "mask_rcnn")
+    prediction = model.predict([val[0][0]])[0]
+    assert {"boxes", "scores", "labels"} <= set(prediction)
+    assert ("masks" in prediction) == (detector == "mask_rcnn")
+
+
+def test_unknown_engine_and_detector_are_one_line_errors():
+    with pytest.raises(UserInputError, match="engine 'mmdet'"):
+        build_detector("mmdet", "mask_rcnn", 3)
+    with pytest.raises(UserInputError, match="detector 'yolo' for engine torchvision"):
+        build_detector("torchvision", "yolo", 3)
+
+
+def test_a_dataset_with_more_categories_than_the_head_is_refused(synthetic):
+    with pytest.raises(UserInputError, match="category id .* is out of range"):
+        check_num_classes(synthetic[0], num_classes=2)
+    check_num_classes(synthetic[0], num_classes=3)
