@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.resources
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import yaml
@@ -99,13 +99,26 @@ def config_path(detector: str) -> str:
 
 
 def load_config(detector: str, num_classes: int | None = None, config_file: str | None = None,
-                opts: Sequence[str] = ()) -> CN:
+                opts: Sequence[str] | Mapping[str, Any] = ()) -> CN:
     """A frozen config: detectron2's defaults + our keys + our file for ``detector`` (or
-    ``config_file``) + ``opts`` (``["KEY", "VALUE", ...]``) + ``num_classes`` if given."""
+    ``config_file``) + ``opts`` + ``num_classes`` if given.
+
+    ``opts`` is detectron2's command-line form ``["KEY", "VALUE", ...]`` or a mapping
+    ``{"KEY": value}`` (as an experiment YAML writes it). A key that does not exist, or a value of
+    the wrong type, is a ``UserInputError``.
+    """
+    items = [x for pair in opts.items() for x in pair] if isinstance(opts, Mapping) else list(opts)
     cfg = get_cfg()
     add_swin_tuning_config(cfg)
-    cfg.merge_from_file(config_file or config_path(detector))
-    cfg.merge_from_list(list(opts))
+    path = config_file or config_path(detector)
+    try:
+        cfg.merge_from_file(path)
+    except (KeyError, ValueError, AssertionError, OSError, yaml.YAMLError) as exc:
+        raise UserInputError(f"detectron2 config {path}: {exc}") from None
+    try:
+        cfg.merge_from_list(items)
+    except (KeyError, ValueError, AssertionError) as exc:
+        raise UserInputError(f"detectron2 config overrides {items}: {exc}") from None
     if num_classes is not None:
         cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
         cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
@@ -358,13 +371,19 @@ def _event_storage():
 
 
 def build_detectron2_detector(detector: str, backbone: nn.Module, num_classes: int, *,
-                              config_file: str | None = None, opts: Sequence[str] = ()) -> Detectron2Detector:
+                              config_file: str | None = None, opts: Sequence[str] | Mapping[str, Any] = (),
+                              **unknown: Any) -> Detectron2Detector:
     """``detector`` (cascade_mask_rcnn or retinanet) from our config file, on the tuned ``backbone``.
 
-    ``num_classes`` counts the object classes (detectron2 adds its own background). ``config_file``
-    replaces our file and ``opts`` (``["KEY", "VALUE", ...]``) override it. Of the ``MODEL.SWIN_TUNED``
-    keys only ``OUT_FEATURES`` is used: the backbone is already built and tuned.
+    ``num_classes`` counts the object classes (detectron2 adds its own background). The options
+    (``build_detector(..., detector_options=...)``, an experiment's ``model.options``) are
+    ``config_file``, which replaces our file, and ``opts`` (``["KEY", "VALUE", ...]`` or
+    ``{"KEY": value}``), which override it. Of the ``MODEL.SWIN_TUNED`` keys only ``OUT_FEATURES``
+    is used: the backbone is already built and tuned.
     """
+    if unknown:
+        raise UserInputError(f"unknown option(s) {', '.join(sorted(unknown))} for engine detectron2; "
+                             f"valid: config_file, opts")
     if detector not in META_ARCHITECTURES:
         raise UserInputError(f"unknown detector {detector!r} for engine detectron2; "
                              f"choose one of {', '.join(META_ARCHITECTURES)}")

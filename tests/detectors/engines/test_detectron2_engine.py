@@ -18,6 +18,7 @@ pytest.importorskip("detectron2")
 
 import torch  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
+from detectron2.layers import NaiveSyncBatchNorm  # noqa: E402
 from detectron2.modeling import FPN, GeneralizedRCNN, RetinaNet, build_model  # noqa: E402
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7  # noqa: E402
 
@@ -48,12 +49,10 @@ def synthetic(tmp_path_factory):
                                image_size=(128, 160), num_classes=NUM_CLASSES)
 
 
-def _tiny(detector: str, opts: list[str] | None = None) -> d2.Detectron2Detector:
+def _tiny(detector: str, opts: list[str] | dict | None = None) -> d2.Detectron2Detector:
     torch.manual_seed(0)
-    built = build_detector("detectron2", detector, num_classes=NUM_CLASSES, **TINY)
-    if opts:  # the same tuned backbone, other heads
-        built = d2.build_detectron2_detector(detector, built.backbone, NUM_CLASSES, opts=opts)
-    return built
+    options = {"opts": opts} if opts else None
+    return build_detector("detectron2", detector, num_classes=NUM_CLASSES, detector_options=options, **TINY)
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,11 +81,24 @@ def test_detector_builds_on_a_tiny_e3va_swin(detector):
         assert list(fpn.output_shape()) == ["p2", "p3", "p4", "p5", "p6"]
         assert model.model.roi_heads.num_cascade_stages == 3
         assert model.model.roi_heads.box_predictor[0].cls_score.out_features == NUM_CLASSES + 1
+        # Synchronised BN that also runs under DDP on CPU workers (torch's SyncBatchNorm does not).
+        norms = [m for m in model.model.roi_heads.box_head.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert len(norms) == 3 * 4 and all(isinstance(m, NaiveSyncBatchNorm) for m in norms)
     else:
         assert isinstance(model.model, RetinaNet)
         assert isinstance(fpn.top_block, LastLevelP6P7)
         assert list(fpn.output_shape()) == ["p3", "p4", "p5", "p6", "p7"]
         assert model.model.num_classes == NUM_CLASSES
+
+
+def test_options_override_our_file_as_a_list_or_a_mapping():
+    as_list = _tiny("cascade_mask_rcnn", ["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64", "MODEL.FPN.OUT_CHANNELS", "64"])
+    as_mapping = _tiny("cascade_mask_rcnn", {"MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 64, "MODEL.FPN.OUT_CHANNELS": 64})
+    for model in (as_list, as_mapping):
+        assert model.cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE == 64
+        assert model.model.roi_heads.batch_size_per_image == 64
+        assert model.model.backbone.output_shape()["p2"].channels == 64
+        assert model.cfg.MODEL.ROI_HEADS.NUM_CLASSES == NUM_CLASSES  # num_classes wins over the file's 80
 
 
 def test_our_config_files_ship_and_hold_the_papers_schedules():
@@ -118,6 +130,13 @@ def test_bad_config_values_are_user_errors():
     with pytest.raises(UserInputError, match="OUT_FEATURES"):
         d2.build_detectron2_detector("retinanet", backbone, NUM_CLASSES,
                                      opts=["MODEL.SWIN_TUNED.OUT_FEATURES", "['res2', 'res3']"])
+    with pytest.raises(UserInputError, match="Non-existent key: MODEL.ROI_HEADS.NUM_CLASS"):
+        d2.build_detectron2_detector("retinanet", backbone, NUM_CLASSES, opts={"MODEL.ROI_HEADS.NUM_CLASS": 4})
+    with pytest.raises(UserInputError, match="unknown option.*box_batch_size_per_image.*valid: config_file, opts"):
+        build_detector("detectron2", "retinanet", NUM_CLASSES, detector_options={"box_batch_size_per_image": 64},
+                       **TINY)
+    with pytest.raises(UserInputError, match="detectron2 config .*missing.yaml"):
+        d2.build_detectron2_detector("retinanet", backbone, NUM_CLASSES, config_file="/nonexistent/missing.yaml")
     with pytest.raises(UserInputError, match="not 'key=value'"):
         d2.parse_hyperparameters(["rank"])
     assert d2.parse_hyperparameters(["rank=16", "init = zero_up"]) == {"rank": 16, "init": "zero_up"}
