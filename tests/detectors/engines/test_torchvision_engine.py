@@ -12,6 +12,14 @@ from detectors.training import check_num_classes, evaluate, training_step
 from detectors.tuning import variant_table
 
 TINY = dict(depths=(1, 1, 1, 1), embed_dim=32, num_heads=(1, 2, 4, 8))
+# torchvision samples for 800-pixel images by default; these suit 96-pixel ones on a CPU
+SMALL_IMAGES = dict(rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=150, rpn_pre_nms_top_n_test=300,
+                    rpn_post_nms_top_n_test=150, box_batch_size_per_image=64, box_detections_per_img=30)
+RETINANET_SMALL = dict(topk_candidates=300, detections_per_img=30)
+
+
+def options(detector: str) -> dict:
+    return RETINANET_SMALL if detector == "retinanet" else SMALL_IMAGES
 DETECTORS = ENGINES.get("torchvision").detectors
 
 
@@ -33,7 +41,8 @@ def first_batch(dataset, size=2):
 @pytest.mark.parametrize("method", sorted(variant_table()))
 def test_every_method_takes_a_training_step_in_every_detector(detector, method, synthetic):
     torch.manual_seed(0)
-    model = build_detector("torchvision", detector, 3, "swin_t", method, **TINY).train()
+    model = build_detector("torchvision", detector, 3, "swin_t", method, detector_options=options(detector),
+                           **TINY).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in trainable]
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
@@ -52,7 +61,8 @@ def test_every_method_takes_a_training_step_in_every_detector(detector, method, 
 def test_e3va_detector_loss_falls_and_evaluation_reports_coco_figures(detector, synthetic):
     train, val = synthetic
     torch.manual_seed(0)
-    model = build_detector("torchvision", detector, 3, "swin_t", "e3va", **TINY).train()
+    model = build_detector("torchvision", detector, 3, "swin_t", "e3va", detector_options=options(detector),
+                           **TINY).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     loader = torch.utils.data.DataLoader(train, batch_size=4, shuffle=True, collate_fn=collate_fn,
                                          generator=torch.Generator().manual_seed(0))
