@@ -6,6 +6,7 @@ from typing import Any
 
 from tabulate import tabulate
 
+from detectors.errors import UserInputError
 from detectors.params import ParamCount, count_parameters, parameter_table
 
 
@@ -19,7 +20,6 @@ def print_params(backbone: str, method: str | None, overrides: dict[str, Any], s
         counts = [count_parameters(backbone, method, overrides)]
     else:
         if overrides:
-            from detectors.errors import UserInputError
             raise UserInputError("--set needs --method: hyperparameters differ between methods")
         counts = parameter_table(backbone)
     if as_json:

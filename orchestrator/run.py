@@ -13,7 +13,10 @@ from typing import Any
 
 import yaml
 
-from detectors.backbones import SWIN_SPECS
+import torch
+
+from detectors.backbones import SWIN_SPECS, build_swin
+from detectors.backbones.swin import fitting_state_dict
 from detectors.data import CocoDetection
 from detectors.engines import ENGINES
 from detectors.errors import UserInputError
@@ -32,17 +35,12 @@ def preflight(cfg: ExperimentConfig) -> None:
     ENGINES.get(cfg.model.engine).check(cfg.model.engine, cfg.model.detector)
     check_inputs_exist(cfg)
     if cfg.backbone.weights is not None:
-        from detectors.backbones import build_swin
-        import torch
         with torch.device("meta"):
             model = build_swin(cfg.backbone.name, **cfg.backbone.overrides)
-        from detectors.backbones.swin import checkpoint_filter_fn, read_state_dict
-        state = checkpoint_filter_fn(read_state_dict(cfg.backbone.weights), model)
-        expected = model.state_dict()
-        wrong = [k for k, v in state.items() if k in expected and expected[k].shape != v.shape]
-        if wrong:
-            raise UserInputError(f"backbone.weights: {cfg.backbone.weights} is for another backbone than "
-                                 f"{cfg.backbone.name} ({wrong[0]} has shape {list(state[wrong[0]].shape)})")
+        try:
+            fitting_state_dict(model, cfg.backbone.weights)
+        except UserInputError as exc:
+            raise UserInputError(f"backbone.weights: {exc}") from None
     paths = dataset_paths(cfg)
     for split in ("train", "val"):
         CocoDetection(paths[f"{split}_images"], paths[f"{split}_json"]).check_files()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,6 @@ class Tracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
-        import time
         now = int(time.time() * 1000)
         # NaN is kept: COCO reports it for a size bucket without ground truth.
         batch = [Metric(key=k.replace("/", "_"), value=float(v), timestamp=now, step=step)

@@ -6,6 +6,7 @@ that calls ``ray.train.report``; MLflow is written from world rank 0 only.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 import time
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from detectors.data import CocoDetection, build_transforms, collate_fn, make_synthetic_coco
 from detectors.engines import build_detector
 from detectors.training import check_num_classes, evaluate, move_batch, training_step
+from detectors.tuning import resolve_method
 from orchestrator.checkpointing import backbone_fingerprint, load_checkpoint, save_checkpoint
 from orchestrator.config import ExperimentConfig
 from orchestrator.tracking import Tracker
@@ -66,8 +68,6 @@ def lr_factor(cfg: ExperimentConfig, iterations_per_epoch: int) -> Callable[[int
 
 
 def run_identity(cfg: ExperimentConfig, detector) -> dict[str, Any]:
-    from detectors.tuning import resolve_method
-    import dataclasses
     method, hparams = resolve_method(cfg.tuning.method, cfg.tuning.hyperparameters)
     return {"backbone": cfg.backbone.name, "method": method, "hyperparameters": dataclasses.asdict(hparams),
             "detector": f"{cfg.model.engine}/{cfg.model.detector}", "fingerprint": backbone_fingerprint(detector.backbone)}
@@ -77,6 +77,7 @@ class _Hooks:
     """What differs between running under Ray Train and running in this process."""
     rank = 0
     world = 1
+    save_final_checkpoint = True  # under Ray, the reported checkpoints are the run's record
 
     def device(self) -> torch.device:
         return torch.device("cpu")
@@ -92,6 +93,8 @@ class _Hooks:
 
 
 class _RayHooks(_Hooks):
+    save_final_checkpoint = False
+
     def __init__(self):
         import ray.train
         self.context = ray.train.get_context()
@@ -203,6 +206,6 @@ def _train(cfg: ExperimentConfig, hooks: _Hooks, tracking_uri: str | None, run_i
                                   and math.isfinite(v)}, directory)
             if step >= total:
                 break
-    if rank == 0 and isinstance(hooks, _Hooks) and not isinstance(hooks, _RayHooks):
+    if rank == 0 and hooks.save_final_checkpoint:
         save_checkpoint(cfg.run_dir / "checkpoint", detector, optimizer, scheduler, step, identity)
     return metrics

@@ -33,7 +33,7 @@ from torch import nn
 from detectors.errors import UserInputError
 
 __all__ = ["SwinBlock", "SwinStage", "SwinBackbone", "SWIN_SPECS", "build_swin", "checkpoint_filter_fn",
-           "load_swin_weights", "OUT_FEATURES"]
+           "fitting_state_dict", "load_swin_weights", "OUT_FEATURES"]
 
 OUT_FEATURES = ("res2", "res3", "res4", "res5")
 SIZE_DIVISIBILITY = 32
@@ -280,8 +280,11 @@ def _describe_backbone(state_dict: dict[str, torch.Tensor]) -> str:
     return f"embed_dim={dim}, depths={tuple(depths)}"
 
 
-def load_swin_weights(model: SwinBackbone, path: str | Path) -> None:
-    """Load pre-trained weights into ``model``; one clear error if they do not fit."""
+def fitting_state_dict(model: SwinBackbone, path: str | Path) -> dict[str, torch.Tensor]:
+    """Read ``path`` into ``model``'s layout; one clear error if it is for another backbone.
+
+    Works on a meta-device model, so a run can check a weight file before building anything.
+    """
     state = checkpoint_filter_fn(read_state_dict(path), model)
     not_tensors = [k for k, v in state.items() if not torch.is_tensor(v)]
     if not_tensors:
@@ -294,17 +297,21 @@ def load_swin_weights(model: SwinBackbone, path: str | Path) -> None:
             f"weight file {path} is for another backbone ({_describe_backbone(state)}), not {model.name}: "
             f"{wrong_shape[0]} has shape {list(state[wrong_shape[0]].shape)}, "
             f"expected {list(expected[wrong_shape[0]].shape)}")
-    result = model.load_state_dict(state, strict=False)
     # The output norms are not part of classification checkpoints; they start from their init.
-    missing = [k for k in result.missing_keys if not re.match(r"norm\d\.", k)]
-    if missing or result.unexpected_keys:
+    missing = [k for k in expected if k not in state and not re.match(r"norm\d\.", k)]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
         parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
-        if result.unexpected_keys:
-            extra = result.unexpected_keys
-            parts.append(f"{len(extra)} unexpected keys ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''})")
+        for what, keys in (("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                parts.append(f"{len(keys)} {what} keys ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
         raise UserInputError(f"weight file {path} does not fit {model.name}: {'; '.join(parts)}")
+    return state
+
+
+def load_swin_weights(model: SwinBackbone, path: str | Path) -> None:
+    """Load pre-trained weights into ``model``; one clear error if they do not fit."""
+    model.load_state_dict(fitting_state_dict(model, path), strict=False)
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from detectors.engines import torchvision_engine  # noqa: F401 - registers the engine
+from detectors.backbones import build_swin
 from detectors.engines.base import ENGINES, Detector, Engine
+from detectors.errors import UserInputError
+from detectors.tuning import build_tuning
 
 DETECTRON2_INSTALL = ("pip install 'setuptools<82' && pip install --no-build-isolation "
                       "'git+https://github.com/facebookresearch/detectron2.git'")
@@ -37,13 +40,9 @@ def build_detector(engine: str, detector: str, num_classes: int, backbone: str =
     ``build_swin`` (e.g. ``drop_path_rate``, or ``depths``/``embed_dim`` for a tiny test model);
     ``detector_options`` to the engine's detector constructor.
     """
-    from detectors.backbones import build_swin
-    from detectors.tuning import build_tuning
-
     spec = ENGINES.get(engine)
     spec.check(engine, detector)
     if num_classes < 1:
-        from detectors.errors import UserInputError
         raise UserInputError(f"num_classes must be at least 1, got {num_classes}")
     method = build_tuning(tuning, **(hyperparameters or {}))
     tuned = method.apply(build_swin(backbone, weights=weights, **backbone_options))
