@@ -57,6 +57,26 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     return directory
 
 
+def check_identity(directory: Path, identity: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+    """Refuse a checkpoint made for another backbone, method, detector or pre-trained weights.
+
+    Only the keys ``identity`` has are compared: the driver checks what the experiment names
+    before any worker starts; the workers also check the frozen weights' fingerprint.
+    """
+    directory = Path(directory)
+    if state is None:
+        try:
+            state = json.loads((directory / STATE).read_text())
+        except (OSError, ValueError) as exc:
+            raise UserInputError(f"cannot read checkpoint {directory}: {exc}") from None
+    theirs = state.get("identity", {})
+    for key in ("backbone", "method", "hyperparameters", "detector", "fingerprint"):
+        if key in identity and theirs.get(key) != identity[key]:
+            raise UserInputError(f"checkpoint {directory} belongs to another model: its {key} is "
+                                 f"{theirs.get(key)!r}, this run has {identity[key]!r}; give the experiment "
+                                 f"another name or output_dir to start afresh")
+
+
 def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None, identity: dict[str, Any]) -> int:
     """Restore and return the step; refuse a checkpoint made for another backbone or method."""
@@ -66,11 +86,7 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
         tensors = load_file(str(directory / WEIGHTS))
     except (OSError, ValueError) as exc:
         raise UserInputError(f"cannot read checkpoint {directory}: {exc}") from None
-    theirs = state.get("identity", {})
-    for key in ("backbone", "method", "hyperparameters", "fingerprint"):
-        if theirs.get(key) != identity.get(key):
-            raise UserInputError(f"checkpoint {directory} belongs to another model: its {key} is "
-                                 f"{theirs.get(key)!r}, this run has {identity.get(key)!r}")
+    check_identity(directory, identity, state)
     weights = {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
     missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in weights]
     if missing:

@@ -57,6 +57,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_overhead(args: argparse.Namespace) -> int:
+    from orchestrator.config import load_experiment
+    cfg = load_experiment(args.experiment, args.set)
+    from orchestrator.overhead import measure_overhead, print_overhead
+    print_overhead(measure_overhead(cfg, rounds=args.rounds), cfg.schedule.iterations or 0)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from orchestrator.demo import run_demo
     run_demo(args.set)
@@ -95,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override a field, e.g. schedule.lr=0.001 (repeatable)")
     run.set_defaults(func=_cmd_run)
+
+    overhead = commands.add_parser("overhead", help="seconds per iteration through a 1-worker TorchTrainer vs "
+                                                    "the plain loop in this process, side by side")
+    overhead.add_argument("experiment", help="experiment YAML file (schedule.iterations sets the length)")
+    overhead.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                          help="override a field (repeatable)")
+    overhead.add_argument("--rounds", type=int, default=2, help="alternating rounds of both paths")
+    overhead.set_defaults(func=_cmd_overhead)
 
     demo = commands.add_parser("demo", help="train an E3VA detector on synthetic data via local Ray and MLflow")
     demo.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",

@@ -5,14 +5,16 @@ Errors are one line naming the file, the field and what was expected, e.g.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from detectors.data.transforms import SWIN_MAX_SIZE, SWIN_TEST_SHORT_EDGE, SWIN_TRAIN_SHORT_EDGES
 from detectors.errors import UserInputError
+from orchestrator.gpu_kinds import check_kind
 
 
 class _Strict(BaseModel):
@@ -81,7 +83,9 @@ class ScheduleConfig(_Strict):
     """AdamW with linear warm-up and step decays, as the papers train."""
     iterations: int | None = Field(None, ge=1)
     epochs: int | None = Field(None, ge=1)
-    batch_size: int = Field(2, ge=1, description="images per worker and step")
+    batch_size: PositiveInt | list[PositiveInt] | dict[str, PositiveInt] = Field(
+        2, description="images per worker and step: one number for every worker, a list by rank, or a "
+                       "mapping from GPU kind to images, e.g. {v100: 4, p100: 2, 1080ti: 1}")
     lr: float = Field(1e-4, ge=0)
     weight_decay: float = Field(0.05, ge=0)
     warmup_iterations: int = Field(0, ge=0)
@@ -107,7 +111,8 @@ class ScalingConfig(_Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(1, gt=0)
-    gpu_kind: str | None = None
+    gpu_kind: str | None = Field(None, description="run only on this GPU kind (Ray accelerator_type)")
+    resources: dict[str, float] = Field({}, description="custom Ray resources each worker needs, e.g. {gpu_v100: 1}")
 
 
 class TrackingConfig(_Strict):
@@ -137,6 +142,24 @@ class ExperimentConfig(_Strict):
             raise ValueError("must be a non-empty name without slashes")
         return value
 
+    @model_validator(mode="after")
+    def _batch_sizes_fit_workers(self) -> "ExperimentConfig":
+        sizes = self.schedule.batch_size
+        if isinstance(sizes, list) and len(sizes) != self.scaling.workers:
+            raise ValueError(f"schedule.batch_size: {len(sizes)} batch sizes for {self.scaling.workers} workers")
+        if isinstance(sizes, dict):
+            if not sizes:
+                raise ValueError("schedule.batch_size: the mapping from GPU kind to batch size is empty")
+            self.schedule.batch_size = {check_kind(kind, "schedule.batch_size"): n for kind, n in sizes.items()}
+        return self
+
+    def batch_sizes(self) -> list[int] | None:
+        """Images per rank and step, when the file fixes them (not for a per-kind mapping)."""
+        sizes = self.schedule.batch_size
+        if isinstance(sizes, int):
+            return [sizes] * self.scaling.workers
+        return list(sizes) if isinstance(sizes, list) else None
+
     @property
     def run_dir(self) -> Path:
         return self.output_dir / self.name
@@ -164,8 +187,13 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
 
 
 def _describe(error: dict) -> str:
-    location = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    # Union members show up in the location ("batch_size.constrained-int"): they are not fields.
+    parts = [str(part) for part in error["loc"]
+             if not re.match(r"^(constrained-\w+|\w+\[.*\]|int|str|float|bool)$", str(part))]
     message = error["msg"].removeprefix("Value error, ")
+    if not parts:  # a check across fields names its fields itself
+        return message
+    location = ".".join(parts)
     if error["type"] == "extra_forbidden":
         message = "unknown key"
     elif error["type"] == "missing":

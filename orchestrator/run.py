@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -21,10 +21,10 @@ from detectors.data import CocoDetection
 from detectors.engines import ENGINES
 from detectors.errors import UserInputError
 from detectors.params import count_parameters
-from orchestrator.checkpointing import STATE, WEIGHTS
+from orchestrator.checkpointing import STATE, WEIGHTS, check_identity
 from orchestrator.config import ExperimentConfig, check_inputs_exist
 from orchestrator.tracking import default_uri, reachable, warn_unreachable
-from orchestrator.train_loop import dataset_paths, train_loop_per_worker
+from orchestrator.train_loop import config_identity, dataset_paths, train_loop_per_worker
 
 
 def preflight(cfg: ExperimentConfig) -> None:
@@ -34,6 +34,9 @@ def preflight(cfg: ExperimentConfig) -> None:
                              f"choose one of {', '.join(SWIN_SPECS)}")
     ENGINES.get(cfg.model.engine).check(cfg.model.engine, cfg.model.detector)
     check_inputs_exist(cfg)
+    resume = newest_checkpoint(cfg.run_dir.resolve() / "ray")
+    if resume is not None:
+        check_identity(resume, config_identity(cfg))
     if cfg.backbone.weights is not None:
         with torch.device("meta"):
             model = build_swin(cfg.backbone.name, **cfg.backbone.overrides)
@@ -63,63 +66,116 @@ def _params(cfg: ExperimentConfig) -> dict[str, Any]:
     return {"method": count.method, "variant": cfg.tuning.method, **count.hyperparameters,
             "backbone": cfg.backbone.name, "detector": cfg.model.detector, "engine": cfg.model.engine,
             "batch_per_worker": cfg.schedule.batch_size, "workers": cfg.scaling.workers,
-            "batch_total": cfg.schedule.batch_size * cfg.scaling.workers, "lr": cfg.schedule.lr,
+            **({"batch_total": sum(cfg.batch_sizes())} if cfg.batch_sizes() else {}), "lr": cfg.schedule.lr,
             "gpu_kind": cfg.scaling.gpu_kind or ("gpu" if cfg.scaling.use_gpu else "cpu"),
             "trainable_params": count.trainable, "trainable_percent": round(count.percent, 4)}
 
 
-def _start_mlflow_run(cfg: ExperimentConfig, uri: str) -> tuple[Any, str | None]:
+MLFLOW_RUN_FILE = "mlflow_run_id"
+
+
+def start_mlflow_run(cfg: ExperimentConfig, uri: str, *, parent_run_id: str | None = None,
+                     extra_params: dict[str, Any] | None = None) -> tuple[Any, str | None]:
+    """The MLflow run of this training run: the one it had before when it resumes, else a new one.
+
+    Returns ``(client, None)`` when the tracking server cannot be reached: training goes on.
+    """
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=uri)
     if not reachable(uri):
         warn_unreachable(uri, "no answer from /health")
         return client, None
+    remembered = cfg.run_dir / MLFLOW_RUN_FILE
     try:
+        if remembered.is_file() and newest_checkpoint(cfg.run_dir / "ray") is not None:
+            run_id = remembered.read_text().strip()
+            status = client.get_run(run_id).info.status
+            if status == "FINISHED":
+                raise UserInputError(f"{cfg.run_dir} already holds the finished run {run_id}; "
+                                     f"give the experiment another name (--set name=...) or output_dir")
+            client.update_run(run_id, "RUNNING")
+            print(f"resuming MLflow run {run_id} (was {status})", flush=True)
+            return client, run_id
         experiment = client.get_experiment_by_name(cfg.tracking.experiment)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.tracking.experiment)
-        run = client.create_run(experiment_id, run_name=cfg.name)
-        for key, value in _params(cfg).items():
+        tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
+        run = client.create_run(experiment_id, run_name=cfg.name, tags=tags)
+        for key, value in {**_params(cfg), **(extra_params or {})}.items():
             client.log_param(run.info.run_id, key, value)
+        remembered.write_text(run.info.run_id)
         return client, run.info.run_id
+    except UserInputError:
+        raise
     except Exception as exc:  # noqa: BLE001 - tracking must never stop training
         warn_unreachable(uri, str(exc).splitlines()[0])
         return client, None
 
 
-def run_experiment(cfg: ExperimentConfig, fail_at_step: int | None = None) -> dict[str, Any]:
-    import ray
-    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def build_trainer(cfg: ExperimentConfig, uri: str | None, run_id: str | None, *, fail_at_step: int | None = None,
+                  callbacks: Sequence[Any] = ()):
+    """The ``TorchTrainer`` of one run. Ray Train finds the run's checkpoints under the same name and
+    storage path and hands the newest to the workers: a command run again continues the run."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    storage = cfg.run_dir.resolve() / "ray"
+    scaling = cfg.scaling
+    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"experiment": json.loads(cfg.model_dump_json()), "tracking_uri": uri,
+                           "mlflow_run_id": run_id, "fail_at_step": fail_at_step,
+                           # for a run stopped before Ray recorded its newest checkpoint
+                           "resume_from": str(resume) if (resume := newest_checkpoint(storage)) else None},
+        scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker={**resources, **scaling.resources},
+                                     accelerator_type=scaling.gpu_kind),
+        run_config=RunConfig(name=cfg.name, storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=3),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks)))
+
+
+def worker_user_error(exc: BaseException) -> UserInputError | None:
+    """The user-input error a worker died of, if that is why training failed."""
+    for failure in getattr(exc, "worker_failures", {}).values():
+        cause = failure
+        while cause is not None and not isinstance(cause, UserInputError):
+            cause = cause.__cause__ or getattr(cause, "cause", None)
+        if isinstance(cause, UserInputError):
+            return cause
+        text = str(failure)
+        if "UserInputError: " in text:  # Ray may hand back the worker's exception as text only
+            return UserInputError(text.rsplit("UserInputError: ", 1)[1].strip().splitlines()[0])
+    return None
+
+
+def run_experiment(cfg: ExperimentConfig, fail_at_step: int | None = None, *,
+                   parent_run_id: str | None = None, extra_params: dict[str, Any] | None = None,
+                   callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    import ray
 
     preflight(cfg)
     run_dir = cfg.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run_dir / "experiment.yaml"
     resolved.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
-    uri = cfg.tracking.uri or default_uri(run_dir)
-    client, run_id = _start_mlflow_run(cfg, uri)
     if not ray.is_initialized():
+        # Ray turns SIGTERM (``ray job stop``, a scheduler) into SystemExit: the run ends as KILLED.
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
-    storage = run_dir / "ray"
-    resume = newest_checkpoint(storage)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"experiment": json.loads(cfg.model_dump_json()), "tracking_uri": uri,
-                           "mlflow_run_id": run_id, "fail_at_step": fail_at_step},
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
-                                                           **({"GPU": cfg.scaling.gpus_per_worker}
-                                                              if cfg.scaling.use_gpu else {})},
-                                     accelerator_type=cfg.scaling.gpu_kind),
-        run_config=RunConfig(name=cfg.name, storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=3),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        resume_from_checkpoint=Checkpoint.from_directory(str(resume)) if resume else None)
+    uri = cfg.tracking.uri or default_uri(run_dir)
+    client, run_id = start_mlflow_run(cfg, uri, parent_run_id=parent_run_id, extra_params=extra_params)
     status = "FAILED"
     try:
-        result = trainer.fit()
+        trainer = build_trainer(cfg, uri, run_id, fail_at_step=fail_at_step, callbacks=callbacks)
+        try:
+            result = trainer.fit()
+        except Exception as exc:
+            user_error = worker_user_error(exc)
+            if user_error is not None:
+                raise user_error from None
+            raise
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         status = "KILLED"
         raise
     finally:
@@ -146,4 +202,4 @@ def _log_results(client, run_id: str, result, resolved: Path, run_dir: Path) -> 
             client.log_artifact(run_id, str(Path(directory) / STATE), "checkpoint")
 
 
-__all__ = ["run_experiment", "preflight", "newest_checkpoint"]
+__all__ = ["run_experiment", "build_trainer", "start_mlflow_run", "preflight", "newest_checkpoint"]

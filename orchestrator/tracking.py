@@ -74,5 +74,10 @@ class Tracker:
         if batch:
             self._call(self.client.log_batch, self.run_id, metrics=batch, synchronous=True)
 
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+        self._call(self.client.log_batch, self.run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                   synchronous=True)
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._call(self.client.log_artifact, self.run_id, str(path), artifact_path)

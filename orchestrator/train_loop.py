@@ -8,20 +8,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from detectors.data import CocoDetection, build_transforms, collate_fn, make_synthetic_coco
+from detectors.data.sampling import ProportionalBatchSampler, rank_loss_weight
 from detectors.engines import build_detector
+from detectors.errors import UserInputError
 from detectors.training import check_num_classes, evaluate, move_batch, training_step
 from detectors.tuning import resolve_method
 from orchestrator.checkpointing import backbone_fingerprint, load_checkpoint, save_checkpoint
 from orchestrator.config import ExperimentConfig
+from orchestrator.gpu_kinds import CPU, kind_from_name, kind_from_resources
 from orchestrator.tracking import Tracker
 
 
@@ -67,10 +71,32 @@ def lr_factor(cfg: ExperimentConfig, iterations_per_epoch: int) -> Callable[[int
     return factor
 
 
-def run_identity(cfg: ExperimentConfig, detector) -> dict[str, Any]:
+def worker_batch_size(cfg: ExperimentConfig, rank: int, device: torch.device, node_resources: dict) -> int:
+    """This worker's images per step: fixed by the file, or looked up by the kind of its GPU."""
+    fixed = cfg.batch_sizes()
+    if fixed is not None:
+        return fixed[rank]
+    by_kind = cfg.schedule.batch_size
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        kind = kind_from_resources(node_resources, by_kind) or kind_from_name(name, by_kind)
+    else:
+        name, kind = "CPU", kind_from_resources(node_resources, by_kind) or (CPU if CPU in by_kind else None)
+    if kind is None:
+        raise UserInputError(f"schedule.batch_size: worker {rank} runs on {name!r}, a kind with no batch size "
+                             f"here (given: {', '.join(by_kind)})")
+    return by_kind[kind]
+
+
+def config_identity(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What a checkpoint must have been made for, as far as the experiment file says."""
     method, hparams = resolve_method(cfg.tuning.method, cfg.tuning.hyperparameters)
     return {"backbone": cfg.backbone.name, "method": method, "hyperparameters": dataclasses.asdict(hparams),
-            "detector": f"{cfg.model.engine}/{cfg.model.detector}", "fingerprint": backbone_fingerprint(detector.backbone)}
+            "detector": f"{cfg.model.engine}/{cfg.model.detector}"}
+
+
+def run_identity(cfg: ExperimentConfig, detector) -> dict[str, Any]:
+    return {**config_identity(cfg), "fingerprint": backbone_fingerprint(detector.backbone)}
 
 
 class _Hooks:
@@ -91,12 +117,20 @@ class _Hooks:
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
         pass
 
+    def node_resources(self) -> dict[str, float]:
+        return {}
+
+    def gather(self, value: Any) -> list[Any]:
+        """``value`` from every rank, in rank order."""
+        return [value]
+
 
 class _RayHooks(_Hooks):
     save_final_checkpoint = False
 
-    def __init__(self):
+    def __init__(self, resume_from: str | None = None):
         import ray.train
+        self.resume_from = resume_from
         self.context = ray.train.get_context()
         self.rank, self.world = self.context.get_world_rank(), self.context.get_world_size()
 
@@ -110,9 +144,9 @@ class _RayHooks(_Hooks):
 
     def checkpoint_dir(self) -> Path | None:
         import ray.train
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = ray.train.get_checkpoint()  # the newest Ray recorded, after a worker failure too
         if checkpoint is None:
-            return None
+            return Path(self.resume_from) if self.resume_from else None
         self._resume = tempfile.mkdtemp(prefix="resume-")
         return Path(checkpoint.to_directory(self._resume))
 
@@ -121,11 +155,24 @@ class _RayHooks(_Hooks):
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
+    def node_resources(self) -> dict[str, float]:
+        import ray
+        node = ray.get_runtime_context().get_node_id()
+        return next((n["Resources"] for n in ray.nodes() if n["NodeID"] == node), {})
+
+    def gather(self, value: Any) -> list[Any]:
+        if self.world == 1:
+            return [value]
+        import torch.distributed as dist
+        values: list[Any] = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
+
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: ``config`` holds the experiment (as a dict) and the MLflow run."""
-    _train(ExperimentConfig.model_validate(config["experiment"]), _RayHooks(), config.get("tracking_uri"),
-           config.get("mlflow_run_id"), config.get("fail_at_step"))
+    _train(ExperimentConfig.model_validate(config["experiment"]), _RayHooks(config.get("resume_from")),
+           config.get("tracking_uri"), config.get("mlflow_run_id"), config.get("fail_at_step"))
 
 
 def train_locally(cfg: ExperimentConfig, tracking_uri: str | None = None, run_id: str | None = None) -> dict:
@@ -137,6 +184,8 @@ def _train(cfg: ExperimentConfig, hooks: _Hooks, tracking_uri: str | None, run_i
            fail_at_step: int | None = None) -> dict:
     rank, world = hooks.rank, hooks.world
     device = hooks.device() if cfg.device != "cpu" else torch.device("cpu")
+    if device.type == "cpu":  # the CPUs this worker reserved, in and out of Ray alike
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     train_set, val_set = build_datasets(cfg)
     detector = build_model(cfg, train_set.num_classes).to(device)
@@ -145,8 +194,10 @@ def _train(cfg: ExperimentConfig, hooks: _Hooks, tracking_uri: str | None, run_i
     model = hooks.wrap(detector)
     optimizer = torch.optim.AdamW([p for p in detector.parameters() if p.requires_grad],
                                   lr=cfg.schedule.lr, weight_decay=cfg.schedule.weight_decay)
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    per_epoch = max(len(sampler) // cfg.schedule.batch_size, 1)
+    batch_sizes = hooks.gather(worker_batch_size(cfg, rank, device, hooks.node_resources()))
+    sampler = ProportionalBatchSampler(len(train_set), batch_sizes, rank, seed=cfg.seed)
+    loss_weight = rank_loss_weight(batch_sizes, rank)
+    per_epoch = len(sampler)
     total = cfg.schedule.iterations or cfg.schedule.epochs * per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, per_epoch))
     start = 0
@@ -156,31 +207,38 @@ def _train(cfg: ExperimentConfig, hooks: _Hooks, tracking_uri: str | None, run_i
         print(f"[rank {rank}] resuming from step {start}", flush=True)
 
     tracker = Tracker(tracking_uri, run_id) if rank == 0 and tracking_uri else None
+    if tracker and cfg.batch_sizes() is None:  # per-kind sizes are known only now
+        tracker.log_params({"batch_sizes": batch_sizes, "batch_total": sum(batch_sizes)})
     use_amp = cfg.schedule.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     metrics: dict[str, float] = {}
+    seen: dict[int, set[int]] = {}  # epoch -> images this rank trained on
+    step_seconds: list[float] = []
     step = start
-    started = time.perf_counter()
+    started = tick = time.perf_counter()
     while step < total:
         epoch, offset = divmod(step, per_epoch)
         sampler.set_epoch(epoch)
-        indices = list(sampler)[offset * cfg.schedule.batch_size:per_epoch * cfg.schedule.batch_size]
-        batches = [indices[i:i + cfg.schedule.batch_size] for i in range(0, len(indices), cfg.schedule.batch_size)]
+        batches = sampler.batches()[offset:]
         loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate_fn,
                             num_workers=cfg.data.loader_workers)
         detector.train()
-        for images, targets in loader:
-            tick = time.perf_counter()
+        for batch, (images, targets) in zip(batches, loader):
             images, targets = move_batch(images, targets, device)
             losses = training_step(model, optimizer, images, targets, clip_norm=cfg.schedule.clip_grad_norm,
-                                   scaler=scaler, autocast_device="cuda" if use_amp else None)
+                                   scaler=scaler, autocast_device="cuda" if use_amp else None,
+                                   loss_scale=loss_weight)
             scheduler.step()
             step += 1
+            seen.setdefault(epoch, set()).update(batch)
             if fail_at_step is not None and step == fail_at_step and resume_from is None:
                 raise RuntimeError(f"injected failure at step {step}")
-            seconds = time.perf_counter() - tick
+            # wall time since the previous step ended: data loading, reporting and all
+            seconds, tick = time.perf_counter() - tick, time.perf_counter()
+            step_seconds.append(seconds)
             metrics = {**{f"train/{k}": v for k, v in losses.items()}, "lr": scheduler.get_last_lr()[0],
-                       "seconds_per_iteration": seconds, "epoch": epoch, "step": step, "world_size": world}
+                       "seconds_per_iteration": seconds, "epoch": epoch, "step": step, "world_size": world,
+                       "images_per_step": sum(batch_sizes)}
             if device.type == "cuda":
                 metrics["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             if tracker:
@@ -191,6 +249,10 @@ def _train(cfg: ExperimentConfig, hooks: _Hooks, tracking_uri: str | None, run_i
             last = step == total
             evaluate_now = last or (cfg.evaluation.period and step % cfg.evaluation.period == 0)
             checkpoint_now = last or (cfg.checkpoint.period and step % cfg.checkpoint.period == 0)
+            if last:
+                metrics.update(_run_summary(step_seconds, hooks.gather(seen)))
+                if tracker:
+                    tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("run/")}, step)
             if evaluate_now and rank == 0:
                 results = evaluate(detector, val_set, device)
                 metrics.update({f"val/{k}": v for k, v in results.items()})
@@ -204,8 +266,22 @@ def _train(cfg: ExperimentConfig, hooks: _Hooks, tracking_uri: str | None, run_i
                                                     identity)
                     hooks.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))
                                   and math.isfinite(v)}, directory)
+            tick = time.perf_counter()  # evaluation and checkpoints are not iteration time
             if step >= total:
                 break
     if rank == 0 and hooks.save_final_checkpoint:
         save_checkpoint(cfg.run_dir / "checkpoint", detector, optimizer, scheduler, step, identity)
     return metrics
+
+
+def _run_summary(step_seconds: list[float], seen_by_rank: list[dict[int, set[int]]]) -> dict[str, float]:
+    """Steady-state speed (the median skips warm-up) and how the ranks shared the data."""
+    summary = {"run/median_seconds_per_iteration": statistics.median(step_seconds[1:] or step_seconds)}
+    shared = 0
+    for epoch in set().union(*seen_by_rank):
+        per_rank = [seen.get(epoch, set()) for seen in seen_by_rank]
+        shared += sum(len(a & b) for i, a in enumerate(per_rank) for b in per_rank[i + 1:])
+    for rank, seen in enumerate(seen_by_rank):
+        summary[f"run/images_rank{rank}"] = sum(len(images) for images in seen.values())
+    summary["run/images_seen_by_two_ranks"] = shared
+    return summary

@@ -56,3 +56,39 @@ def test_run_refuses_missing_files_before_creating_anything(tmp_path, field, val
     assert len(lines) == 1 and lines[0].startswith("error:") and value in lines[0], result.stderr
     assert not (tmp_path / "out" / "mlflow.db").exists()  # no half-created run
     assert text == DEMO.read_text()
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("schedule.batch_size=[1, 3]", "2 batch sizes for 1 workers"),
+    ("schedule.batch_size={v100: 4, k9000: 1}", "unknown GPU kind 'k9000'"),
+    ("schedule.batch_size=0", "schedule.batch_size: Input should be greater than 0"),
+])
+def test_bad_batch_sizes_name_the_field(override, expected):
+    with pytest.raises(UserInputError, match=expected) as info:
+        load_experiment(DEMO, [override])
+    assert "\n" not in str(info.value)
+
+
+def test_batch_sizes_per_rank_and_per_gpu_kind():
+    assert load_experiment(DEMO, ["scaling.workers=2", "schedule.batch_size=[1, 3]"]).batch_sizes() == [1, 3]
+    cfg = load_experiment(DEMO, ["scaling.workers=3", "schedule.batch_size={V100: 4, 1080 Ti: 1}"])
+    assert cfg.schedule.batch_size == {"v100": 4, "1080ti": 1} and cfg.batch_sizes() is None
+
+
+def test_run_refuses_a_checkpoint_of_another_method_before_starting(tmp_path):
+    """A run directory holding an E3VA checkpoint cannot be resumed as LoRA: one line, no MLflow run."""
+    import json
+    from orchestrator.train_loop import config_identity
+    cfg = load_experiment(DEMO, [f"output_dir={tmp_path}/out"])
+    checkpoint = cfg.run_dir / "ray" / "checkpoint_000001"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainable.safetensors").write_bytes(b"")
+    (checkpoint / "state.json").write_text(json.dumps({"step": 2, "identity": config_identity(cfg)}))
+    result = subprocess.run([sys.executable, "-m", "orchestrator", "run", str(DEMO), "--set",
+                             f"output_dir={tmp_path}/out", "--set", "tuning.method=lora",
+                             "--set", "tuning.hyperparameters={}", "--set", f"data.synthetic.root={tmp_path}/s"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "its method is 'e3va', this run has 'lora'" in lines[0], result.stderr
+    assert not (tmp_path / "out" / "mlflow.db").exists()

@@ -49,14 +49,18 @@ def test_demo_command_finishes_an_mlflow_run_with_coco_metrics_and_the_adapter_c
     assert steps == [1, 2, 3, 4]
 
 
-def test_two_gloo_workers_take_part(tmp_path, ray_local):
+def test_two_gloo_workers_take_part_and_split_the_data_by_their_batch_sizes(tmp_path, ray_local):
     from orchestrator.run import run_experiment
-    cfg = load_experiment(DEMO, FAST + ["scaling.workers=2", f"output_dir={tmp_path}",
+    cfg = load_experiment(DEMO, FAST + ["scaling.workers=2", "schedule.batch_size=[1, 3]", f"output_dir={tmp_path}",
                                         f"data.synthetic.root={tmp_path}/synthetic"])
     outcome = run_experiment(cfg)
-    assert outcome["metrics"]["world_size"] == 2
+    metrics = outcome["metrics"]
+    assert metrics["world_size"] == 2 and metrics["images_per_step"] == 4
+    # 16 images, 4 per step: one epoch of 4 steps, each image trained on by exactly one rank
+    assert metrics["run/images_rank0"] == 4 and metrics["run/images_rank1"] == 12
+    assert metrics["run/images_seen_by_two_ranks"] == 0
     client, run = only_run(outcome["tracking_uri"], "e3va-demo")
-    assert run.data.params["batch_total"] == "4"
+    assert run.data.params["batch_total"] == "4" and run.data.params["batch_per_worker"] == "[1, 3]"
 
 
 def test_a_worker_failure_resumes_from_the_checkpoint_without_losing_or_repeating_steps(tmp_path, ray_local):
@@ -81,3 +85,45 @@ def test_training_finishes_when_the_tracking_server_is_down(tmp_path, ray_local,
     outcome = run_experiment(cfg)
     assert outcome["metrics"]["step"] == 4 and outcome["run_id"] is None
     assert capsys.readouterr().out.count("training continues without it") == 1
+
+
+def test_a_user_error_inside_a_worker_reaches_the_command_line_as_one_line():
+    from ray.train import WorkerGroupError
+
+    from detectors.errors import UserInputError
+    from orchestrator.run import worker_user_error
+    failure = RuntimeError("worker died")
+    failure.__cause__ = UserInputError("checkpoint x belongs to another model: its fingerprint is 'a'")
+    error = worker_user_error(WorkerGroupError("rank 0 failed", {0: failure}))
+    assert isinstance(error, UserInputError) and str(error).startswith("checkpoint x belongs to another model")
+    as_text = WorkerGroupError("", {1: RuntimeError("Traceback ...\nUserInputError: data: broken\n  more")})
+    assert str(worker_user_error(as_text)) == "data: broken"
+    assert worker_user_error(WorkerGroupError("", {0: RuntimeError("out of memory")})) is None
+
+
+def test_a_stopped_run_is_continued_by_running_the_command_again(tmp_path):
+    """SIGTERM (``ray job stop``, a scheduler) ends the MLflow run as KILLED; the same command then
+    resumes from the newest checkpoint into the same MLflow run and finishes it."""
+    import signal
+    import time
+    args = [sys.executable, "-m", "orchestrator", "run", str(DEMO), *sum((["--set", s] for s in FAST), []),
+            "--set", "schedule.iterations=8", "--set", f"output_dir={tmp_path}",
+            "--set", f"data.synthetic.root={tmp_path}/synthetic"]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 600
+    while not list((tmp_path / "demo" / "ray").glob("**/trainable.safetensors")):
+        assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()[-3000:]
+        time.sleep(0.5)
+    first.send_signal(signal.SIGTERM)
+    output = first.communicate(timeout=300)[0]
+    assert first.returncode != 0, output[-3000:]
+    client, run = only_run(f"sqlite:///{tmp_path}/mlflow.db", "e3va-demo")
+    assert run.info.status == "KILLED"
+
+    second = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from step" in second.stdout + second.stderr
+    client, resumed = only_run(f"sqlite:///{tmp_path}/mlflow.db", "e3va-demo")
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    steps = {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")}
+    assert steps == set(range(1, 9))
