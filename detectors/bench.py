@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import gc
+import math
 import statistics
 import sys
 import threading
@@ -76,9 +77,11 @@ class _Subject:
         return sum(3 * _nbytes(p) for p in self.params)
 
 
-def _backbone_subject(method: str, backbone: str, images: torch.Tensor, backbone_kwargs: dict) -> _Subject:
+def _backbone_subject(method: str, backbone: str, images: torch.Tensor, backbone_kwargs: dict,
+                      hyperparameters: dict | None = None) -> _Subject:
     torch.manual_seed(0)
-    model = build_tuning(method).apply(build_swin(backbone, **backbone_kwargs)).to(images.device)
+    model = build_tuning(method, **(hyperparameters or {})).apply(build_swin(backbone, **backbone_kwargs))
+    model = model.to(images.device)
     with torch.no_grad():
         shapes = [f.shape for f in model(images).values()]
     generator = torch.Generator(device=images.device).manual_seed(0)
@@ -90,13 +93,17 @@ def _backbone_subject(method: str, backbone: str, images: torch.Tensor, backbone
 
 
 def _detector_subject(method: str, engine: str, detector: str, backbone: str, images: torch.Tensor,
-                      backbone_kwargs: dict) -> _Subject:
+                      backbone_kwargs: dict, hyperparameters: dict | None = None,
+                      detector_options: dict | None = None, num_classes: int | None = None,
+                      boxes: int = 3) -> _Subject:
     from detectors.engines import build_detector
     torch.manual_seed(0)
-    model = build_detector(engine, detector, NUM_CLASSES, backbone, method, **backbone_kwargs).to(images.device)
+    model = build_detector(engine, detector, num_classes or NUM_CLASSES, backbone, method,
+                           hyperparameters=hyperparameters, detector_options=detector_options,
+                           **backbone_kwargs).to(images.device)
     model.train()
     batch = [image for image in images]
-    targets = synthetic_targets(len(batch), tuple(images.shape[-2:]), images.device)
+    targets = synthetic_targets(len(batch), tuple(images.shape[-2:]), images.device, boxes)
 
     def loss() -> torch.Tensor:
         torch.manual_seed(0)  # the same anchor and proposal sampling in every step
@@ -107,18 +114,31 @@ def _detector_subject(method: str, engine: str, detector: str, backbone: str, im
 NUM_CLASSES = 3
 
 
-def synthetic_targets(count: int, size: tuple[int, int], device: torch.device) -> list[dict]:
-    """Three boxes with masks per image, fixed, so every method sees the same detection problem."""
+def _grid_boxes(boxes: int, shift: float) -> torch.Tensor:
+    """``boxes`` relative xyxy boxes on a square grid, each 80% of its cell."""
+    side = math.ceil(math.sqrt(boxes))
+    cells = torch.tensor([[c / side, r / side] for r in range(side) for c in range(side)][:boxes])
+    start = cells + (0.1 + shift) / side
+    return torch.cat([start, start + 0.8 / side], dim=1).clamp(0, 1)
+
+
+def synthetic_targets(count: int, size: tuple[int, int], device: torch.device, boxes: int = 3) -> list[dict]:
+    """Three boxes with masks per image (or ``boxes`` of them on a grid), fixed, so every method sees
+    the same detection problem. Enough boxes saturate the RoI heads' positive samples (every
+    ground-truth box joins the proposals), so that their memory is a constant per image."""
     height, width = size
     targets = []
     for i in range(count):
-        boxes = torch.tensor([[0.1, 0.1, 0.4, 0.5], [0.5, 0.2, 0.9, 0.6], [0.2 + 0.05 * i, 0.6, 0.6, 0.95]])
-        boxes = boxes * torch.tensor([width, height, width, height])
-        masks = torch.zeros(len(boxes), height, width, dtype=torch.uint8)
-        for mask, (x0, y0, x1, y1) in zip(masks, boxes.round().long().tolist()):
+        if boxes == 3:
+            relative = torch.tensor([[0.1, 0.1, 0.4, 0.5], [0.5, 0.2, 0.9, 0.6], [0.2 + 0.05 * i, 0.6, 0.6, 0.95]])
+        else:
+            relative = _grid_boxes(boxes, 0.05 * (i % 2))
+        xyxy = relative * torch.tensor([width, height, width, height])
+        masks = torch.zeros(len(xyxy), height, width, dtype=torch.uint8)
+        for mask, (x0, y0, x1, y1) in zip(masks, xyxy.round().long().tolist()):
             mask[y0:y1, x0:x1] = 1
-        targets.append({"boxes": boxes.to(device), "labels": torch.tensor([1, 2, 3], device=device),
-                        "masks": masks.to(device)})
+        labels = torch.tensor([1, 2, 3]) if boxes == 3 else torch.ones(len(xyxy), dtype=torch.int64)
+        targets.append({"boxes": xyxy.to(device), "labels": labels.to(device), "masks": masks.to(device)})
     return targets
 
 
@@ -203,6 +223,70 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _images(batch: int, size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand(batch, 3, *size, generator=generator).to(device)
+
+
+def _subject(method: str, backbone: str, images: torch.Tensor, detector: str | None, engine: str,
+             backbone_kwargs: dict, **options) -> _Subject:
+    if detector is None:
+        return _backbone_subject(method, backbone, images, backbone_kwargs, options.get("hyperparameters"))
+    return _detector_subject(method, engine, detector, backbone, images, backbone_kwargs, **options)
+
+
+@dataclasses.dataclass
+class MemoryFigures:
+    """One method's memory at one batch and size (see the module docstring for each figure).
+
+    ``weight_bytes``: every parameter and buffer; ``grad_state_bytes``: gradient + AdamW state of
+    every trainable parameter (3x their bytes); ``peak_bytes`` is 0 where it was not measured.
+    """
+    method: str
+    weight_bytes: int
+    grad_state_bytes: int
+    saved_bytes: int
+    train_bytes: int
+    peak_bytes: int
+
+
+def _measure(s: _Subject, dev: torch.device, peak: bool = True) -> MemoryFigures:
+    """One step for the saved bytes; with ``peak``, a warm-up step first (optimizer state) and one after."""
+    if peak:
+        s.step()
+    saved = saved_tensor_bytes(s.step, exclude=s.model.parameters())
+    transient = {"peak": 0}
+    if peak:
+        _sync(dev)
+        with _transient_peak(dev) as transient:
+            s.step()
+    weights = sum(_nbytes(t) for t in [*s.model.parameters(), *s.model.buffers()])
+    return MemoryFigures(method=s.method, weight_bytes=weights, grad_state_bytes=s.grad_and_state_bytes(),
+                         saved_bytes=saved, train_bytes=saved + s.grad_and_state_bytes(),
+                         peak_bytes=s.persistent_bytes() + transient["peak"] if peak else 0)
+
+
+def measure_memory(method: str, size: tuple[int, int], batch: int, device: str = "cpu", backbone: str = "swin_t",
+                   detector: str | None = None, engine: str = "torchvision", backbone_kwargs: dict | None = None,
+                   hyperparameters: dict | None = None, detector_options: dict | None = None,
+                   num_classes: int | None = None, boxes: int = 3, peak: bool = True) -> MemoryFigures:
+    """One method's memory figures at one size and batch, the step ``benchmark`` measures (no timing).
+
+    ``peak=False`` runs a single step, for ``saved_bytes`` and ``train_bytes`` alone; ``boxes`` is
+    the number of ground-truth boxes per image of a detector step.
+    """
+    dev = torch.device(device)
+    options = {"hyperparameters": hyperparameters}
+    if detector is not None:
+        options.update(detector_options=detector_options, num_classes=num_classes, boxes=boxes)
+    subject = _subject(method, backbone, _images(batch, size, dev), detector, engine, backbone_kwargs or {},
+                       **options)
+    figures = _measure(subject, dev, peak)
+    del subject
+    _release_free_heap()
+    return figures
+
+
 def benchmark(backbone: str = "swin_t", methods: tuple[str, ...] = ("full", "fixed", "e3va"),
               size: tuple[int, int] = (512, 640), batch: int = 2, device: str = "cpu", repeats: int = 5,
               detector: str | None = None, engine: str = "torchvision", backbone_kwargs: dict | None = None,
@@ -213,22 +297,13 @@ def benchmark(backbone: str = "swin_t", methods: tuple[str, ...] = ("full", "fix
     it is that detector's full training step on a fixed synthetic batch.
     """
     dev = torch.device(device)
-    generator = torch.Generator().manual_seed(0)
-    images = torch.rand(batch, 3, *size, generator=generator).to(dev)
-    if detector is None:
-        subjects = [_backbone_subject(m, backbone, images, backbone_kwargs or {}) for m in methods]
-    else:
-        subjects = [_detector_subject(m, engine, detector, backbone, images, backbone_kwargs or {}) for m in methods]
+    images = _images(batch, size, dev)
+    subjects = [_subject(m, backbone, images, detector, engine, backbone_kwargs or {}) for m in methods]
     results = {}
-    for s in subjects:  # warm-up creates optimizer state; then one step each for bytes and peak
-        s.step()
-        saved = saved_tensor_bytes(s.step, exclude=s.model.parameters())
-        _sync(dev)
-        with _transient_peak(dev) as transient:
-            s.step()
-        results[s.method] = dict(trainable=s.trainable, saved_bytes=saved,
-                                 train_bytes=saved + s.grad_and_state_bytes(),
-                                 peak_bytes=s.persistent_bytes() + transient["peak"], times=[])
+    for s in subjects:
+        figures = _measure(s, dev)
+        results[s.method] = dict(trainable=s.trainable, saved_bytes=figures.saved_bytes,
+                                 train_bytes=figures.train_bytes, peak_bytes=figures.peak_bytes, times=[])
         if progress:
             progress(f"{s.method}: measured memory")
     for r in range(repeats):

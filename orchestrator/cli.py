@@ -65,6 +65,18 @@ def _cmd_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from orchestrator.plan import parse_batches, parse_gpus, parse_list, parse_sizes, plan_experiment
+    gpus, batches = parse_gpus(args.gpus), parse_batches(args.batches)
+    methods = parse_list(args.methods, "--methods") if args.methods is not None else None
+    sizes = parse_sizes(args.profile_sizes) if args.profile_sizes else None
+    from orchestrator.config import load_experiment
+    cfg = load_experiment(args.experiment, args.set)
+    plan_experiment(cfg, gpus, methods, batches, device=args.device, as_json=args.json, sizes=sizes,
+                    reserve_gib=args.reserve)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from orchestrator.demo import run_demo
     run_demo(args.set)
@@ -111,6 +123,24 @@ def build_parser() -> argparse.ArgumentParser:
                           help="override a field (repeatable)")
     overhead.add_argument("--rounds", type=int, default=2, help="alternating rounds of both paths")
     overhead.set_defaults(func=_cmd_overhead)
+
+    plan = commands.add_parser("plan", help="E3VA's Table 4 for an experiment: predicted training memory per "
+                                            "method and batch, and which GPUs hold it")
+    plan.add_argument("experiment", help="experiment YAML file (its largest training size is planned for)")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                      help="override a field (repeatable)")
+    plan.add_argument("--gpus", default="1080ti=11,p100=16,3090=24,v100=32", metavar="KIND=GiB,...",
+                      help="GPU kinds and their memory (default: E3VA's Table 4)")
+    plan.add_argument("--methods", default=None,
+                      help="comma-separated methods (default: full,bitfit,adapter,lora,e3va and the experiment's)")
+    plan.add_argument("--batches", default="1,2", help="batch sizes per GPU (default 1,2)")
+    plan.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to profile")
+    plan.add_argument("--profile-sizes", default=None, metavar="HxW,...",
+                      help="profiling sizes (default: 1/4, 3/8, 1/2 of the training size)")
+    plan.add_argument("--reserve", type=float, default=0.5, metavar="GiB",
+                      help="memory kept free on each GPU (CUDA context, fragmentation; default 0.5)")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    plan.set_defaults(func=_cmd_plan)
 
     demo = commands.add_parser("demo", help="train an E3VA detector on synthetic data via local Ray and MLflow")
     demo.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",

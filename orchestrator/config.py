@@ -111,8 +111,20 @@ class ScalingConfig(_Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(1, gt=0)
-    gpu_kind: str | None = Field(None, description="run only on this GPU kind (Ray accelerator_type)")
-    resources: dict[str, float] = Field({}, description="custom Ray resources each worker needs, e.g. {gpu_v100: 1}")
+    gpu_kind: str | None = Field(None, description="run only on nodes labelled with this GPU kind (gpu_<kind>)")
+    resources: dict[str, float] = Field({}, description="custom Ray resources each worker needs, e.g. {fast_disk: 1}")
+    check_cluster: bool = Field(True, description="refuse to start when the cluster can never hold the workers "
+                                                  "(turn off on an autoscaling cluster that starts nodes on demand)")
+
+    @field_validator("gpu_kind")
+    @classmethod
+    def _known_kind(cls, value: str | None) -> str | None:
+        return None if value is None else check_kind(value, "scaling.gpu_kind")
+
+    def worker_resources(self) -> dict[str, float]:
+        """What Ray reserves for each worker. A GPU kind is a node label: a token amount of it."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.use_gpu else {}),
+                **({f"gpu_{self.gpu_kind}": 0.001} if self.gpu_kind else {}), **self.resources}
 
 
 class TrackingConfig(_Strict):

@@ -49,6 +49,19 @@ def preflight(cfg: ExperimentConfig) -> None:
         CocoDetection(paths[f"{split}_images"], paths[f"{split}_json"]).check_files()
 
 
+def check_cluster(cfg: ExperimentConfig, nodes: list[dict]) -> None:
+    """One line, before anything starts, when the cluster's nodes can never hold the run's workers."""
+    need = cfg.scaling.worker_resources()
+    alive = [node["Resources"] for node in nodes if node.get("Alive", True)]
+    fits = sum(min(int(node.get(name, 0) / amount + 1e-9) for name, amount in need.items()) for node in alive)
+    if fits < cfg.scaling.workers:
+        have = sorted({name for node in alive for name in node
+                       if name.startswith("gpu_") or name in ("CPU", "GPU") or name in need})
+        raise UserInputError(f"scaling: {cfg.scaling.workers} workers each needing {need} do not fit this cluster "
+                             f"(room for {fits}; its nodes offer {', '.join(have)}); set scaling.check_cluster=false "
+                             f"if it starts nodes on demand")
+
+
 def newest_checkpoint(storage: Path) -> Path | None:
     """The checkpoint with the highest step among those Ray persisted for this run."""
     best, best_step = None, -1
@@ -67,7 +80,7 @@ def _params(cfg: ExperimentConfig) -> dict[str, Any]:
             "backbone": cfg.backbone.name, "detector": cfg.model.detector, "engine": cfg.model.engine,
             "batch_per_worker": cfg.schedule.batch_size, "workers": cfg.scaling.workers,
             **({"batch_total": sum(cfg.batch_sizes())} if cfg.batch_sizes() else {}), "lr": cfg.schedule.lr,
-            "gpu_kind": cfg.scaling.gpu_kind or ("gpu" if cfg.scaling.use_gpu else "cpu"),
+            "gpu_kind": cfg.scaling.gpu_kind or ("any gpu" if cfg.scaling.use_gpu else "cpu"),
             "trainable_params": count.trainable, "trainable_percent": round(count.percent, 4)}
 
 
@@ -120,7 +133,6 @@ def build_trainer(cfg: ExperimentConfig, uri: str | None, run_id: str | None, *,
 
     storage = cfg.run_dir.resolve() / "ray"
     scaling = cfg.scaling
-    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": json.loads(cfg.model_dump_json()), "tracking_uri": uri,
@@ -128,8 +140,7 @@ def build_trainer(cfg: ExperimentConfig, uri: str | None, run_id: str | None, *,
                            # for a run stopped before Ray recorded its newest checkpoint
                            "resume_from": str(resume) if (resume := newest_checkpoint(storage)) else None},
         scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
-                                     resources_per_worker={**resources, **scaling.resources},
-                                     accelerator_type=scaling.gpu_kind),
+                                     resources_per_worker=scaling.worker_resources()),
         run_config=RunConfig(name=cfg.name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=3),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks)))
@@ -162,6 +173,8 @@ def run_experiment(cfg: ExperimentConfig, fail_at_step: int | None = None, *,
     if not ray.is_initialized():
         # Ray turns SIGTERM (``ray job stop``, a scheduler) into SystemExit: the run ends as KILLED.
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
+    if cfg.scaling.check_cluster:
+        check_cluster(cfg, ray.nodes())
     uri = cfg.tracking.uri or default_uri(run_dir)
     client, run_id = start_mlflow_run(cfg, uri, parent_run_id=parent_run_id, extra_params=extra_params)
     status = "FAILED"

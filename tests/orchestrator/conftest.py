@@ -1,0 +1,42 @@
+"""A real Ray cluster on 127.0.0.1, started with ``ray start`` as a user would, for the tests here."""
+import contextlib
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_ray_cluster(head_resources: dict | None = None, extra_nodes: tuple[dict, ...] = ()):
+    """Yields ``(gcs_address, dashboard_url, env)``; ``extra_nodes`` are custom resources of further nodes."""
+    bin_dir = Path(sys.executable).parent
+    ray = str(bin_dir / "ray")
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
+           # Ray 2.60 protects the dashboard with a token: the cluster and its clients share one.
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    common = ["--node-ip-address=127.0.0.1", "--num-cpus=2"]
+    commands = [[ray, "start", "--head", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                 f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}", *common,
+                 f"--resources={json.dumps(head_resources or {})}"]]
+    commands += [[ray, "start", f"--address=127.0.0.1:{gcs}", *common, f"--resources={json.dumps(resources)}"]
+                 for resources in extra_nodes]
+    try:
+        for command in commands:
+            started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+            assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", env
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)

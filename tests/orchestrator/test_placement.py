@@ -1,0 +1,51 @@
+"""Two GPU kinds simulated on one machine: a head node labelled gpu_1080ti and a second node
+labelled gpu_v100 (custom resources, as cluster/ labels real nodes), all on 127.0.0.1."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+pytest.importorskip("mlflow")
+from conftest import local_ray_cluster  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from orchestrator.config import load_experiment  # noqa: E402
+from orchestrator.run import check_cluster  # noqa: E402
+
+DEMO = Path(__file__).resolve().parents[2] / "experiments" / "demo.yaml"
+FAST = ["schedule.iterations=2", "checkpoint.period=0", "data.synthetic.num_train=12", "data.synthetic.num_val=2",
+        "scaling.workers=2", "schedule.batch_size={1080ti: 1, v100: 3}"]
+
+
+def run(tmp_path, env, address, *overrides):
+    args = [sys.executable, "-m", "orchestrator", "run", str(DEMO)]
+    for item in [*FAST, f"output_dir={tmp_path}", f"data.synthetic.root={tmp_path}/synthetic", *overrides]:
+        args += ["--set", item]
+    return subprocess.run(args, env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=900)
+
+
+def test_workers_land_on_the_gpu_kind_the_experiment_asks_for(tmp_path):
+    with local_ray_cluster({"gpu_1080ti": 2}, ({"gpu_v100": 2},)) as (address, _, env):
+        result = run(tmp_path, env, address, "scaling.gpu_kind=v100")
+        assert result.returncode == 0, result.stderr[-3000:]
+        client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+        [mlflow_run] = client.search_runs([client.get_experiment_by_name("e3va-demo").experiment_id])
+        # both workers found themselves on the v100 node and took its batch size
+        assert mlflow_run.data.params["batch_sizes"] == "[3, 3]" and mlflow_run.data.params["gpu_kind"] == "v100"
+
+        missing = run(tmp_path / "h100", env, address, "scaling.gpu_kind=h100")
+        assert missing.returncode == 2
+        lines = [line for line in missing.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "do not fit this cluster" in lines[0] and "gpu_h100" in lines[0], missing.stderr
+        assert not (tmp_path / "h100" / "mlflow.db").exists()
+
+
+def test_the_cluster_check_counts_workers_per_node():
+    cfg = load_experiment(DEMO, ["scaling.workers=3", "scaling.gpu_kind=v100", "scaling.cpus_per_worker=2"])
+    two_v100_nodes = [{"Resources": {"CPU": 4, "gpu_v100": 1}}, {"Resources": {"CPU": 2, "gpu_v100": 1}},
+                      {"Resources": {"CPU": 16, "gpu_1080ti": 4}}]
+    check_cluster(cfg, two_v100_nodes)  # 2 + 1 workers fit
+    with pytest.raises(Exception, match="3 workers each needing .* do not fit this cluster .room for 1"):
+        check_cluster(cfg, two_v100_nodes[1:])

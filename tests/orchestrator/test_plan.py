@@ -1,0 +1,83 @@
+"""python -m orchestrator plan: E3VA's Table 4 for an experiment, and its bad inputs."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from detectors.planner import MethodPlan, Sample
+from orchestrator.plan import suggest
+
+REPO = Path(__file__).resolve().parents[2]
+# the demo's tiny Swin, as a RetinaNet (no RoI heads: quick) on a 64x128 training size
+TINY = ["--set", "model.detector=retinanet", "--set", "model.options={}", "--set", "data.train_short_edges=[64]",
+        "--set", "data.max_size=128"]
+
+
+def orchestrator(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+
+
+@pytest.mark.slow
+def test_plan_prints_one_row_per_method_and_batch_with_fit_marks():
+    result = orchestrator("plan", "experiments/demo.yaml", *TINY, "--methods", "fixed,e3va",
+                          "--gpus", "tiny=0.1,big=4", "--reserve", "0", "--profile-sizes", "64x64,96x96")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    rows = [line.split() for line in lines if line.split()[:1] in (["fixed"], ["e3va"])]
+    assert [(r[0], r[1]) for r in rows] == [("fixed", "1"), ("fixed", "2"), ("e3va", "1"), ("e3va", "2")]
+    assert all(r[-2:] == ["✗", "✓"] for r in rows)  # 100 MiB holds no retinanet (0.12 GiB static); 4 GiB holds all
+    assert "tiny 0.1GB" in result.stdout and "64x128" in result.stdout
+    assert not [line for line in lines if line.startswith("*")]  # footnotes only for rows that fit nowhere
+
+
+@pytest.mark.slow
+def test_plan_json():
+    result = orchestrator("plan", "experiments/demo.yaml", *TINY, "--methods", "e3va", "--batches", "1",
+                          "--gpus", "v100=32,tiny=0.05", "--profile-sizes", "64x64,96x96", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    (row,) = out["rows"]
+    assert row["method"] == "e3va" and row["batch"] == 1 and row["fits"] == {"v100": True, "tiny": False}
+    assert row["peak_bytes"] == row["static_bytes"] + row["dynamic_bytes"]
+    assert out["notes"] == []
+    assert out["plans"]["e3va"]["coefficients"] and len(out["plans"]["e3va"]["samples"]) == 3
+
+
+@pytest.mark.slow
+def test_a_row_that_fits_no_gpu_gets_a_footnote():
+    result = orchestrator("plan", "experiments/demo.yaml", *TINY, "--methods", "e3va", "--batches", "1",
+                          "--gpus", "tiny=0.05", "--profile-sizes", "64x64,96x96")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1].startswith("* e3va at batch 1 fits no listed GPU (needs 0.1")
+
+
+@pytest.mark.parametrize("args, named", [
+    (("--gpus", "v100"), "v100"),
+    (("--gpus", "v100=lots"), "lots"),
+    (("--gpus", "v100=-3"), "positive"),
+    (("--methods", "full,e4va"), "e4va"),
+    (("--batches", "0"), "--batches"),
+    (("--profile-sizes", "64"), "--profile-sizes"),
+])
+def test_bad_input_is_one_line_and_exit_2_before_profiling(args, named):
+    result = orchestrator("plan", "experiments/demo.yaml", *args)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and named in result.stderr
+    assert "MiB dynamic" not in result.stderr  # nothing was profiled
+
+
+def _plan(method: str, per_image_gib: float) -> MethodPlan:
+    return MethodPlan(method=method, size=(800, 1344), device="cpu", weight_bytes=2**30, grad_state_bytes=0,
+                      coefficients=(0.0, 0.0, per_image_gib * 2**30), samples=[Sample(1, (64, 64), 0)], window=7,
+                      stage_weights=(1.0, 1.0, 1.0, 1.0))
+
+
+def test_a_batch_no_gpu_holds_names_what_would_fit_instead():
+    plans = {"full": _plan("full", 20), "e3va": _plan("e3va", 6)}
+    gpus = {"p100": 16, "v100": 32}
+    line = suggest(plans, gpus, "full", 2)
+    assert line == ("full at batch 2 fits no listed GPU (needs 41.0 GiB); instead: full at batch 1 on v100 (32 GiB), "
+                    "or e3va at batch 2 on p100 (16 GiB)")
