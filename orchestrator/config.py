@@ -83,9 +83,10 @@ class ScheduleConfig(_Strict):
     """AdamW with linear warm-up and step decays, as the papers train."""
     iterations: int | None = Field(None, ge=1)
     epochs: int | None = Field(None, ge=1)
-    batch_size: PositiveInt | list[PositiveInt] | dict[str, PositiveInt] = Field(
-        2, description="images per worker and step: one number for every worker, a list by rank, or a "
-                       "mapping from GPU kind to images, e.g. {v100: 4, p100: 2, 1080ti: 1}")
+    batch_size: PositiveInt | list[PositiveInt] | dict[str, PositiveInt] | Literal["auto"] = Field(
+        2, description="images per worker and step: one number for every worker, a list by rank, a mapping "
+                       "from GPU kind to images, e.g. {v100: 4, p100: 2, 1080ti: 1}, or 'auto': the largest "
+                       "batch the memory planner predicts fits each worker's GPU")
     lr: float = Field(1e-4, ge=0)
     weight_decay: float = Field(0.05, ge=0)
     warmup_iterations: int = Field(0, ge=0)
@@ -159,6 +160,9 @@ class ExperimentConfig(_Strict):
         sizes = self.schedule.batch_size
         if isinstance(sizes, list) and len(sizes) != self.scaling.workers:
             raise ValueError(f"schedule.batch_size: {len(sizes)} batch sizes for {self.scaling.workers} workers")
+        if sizes == "auto" and not self.scaling.use_gpu:
+            raise ValueError("schedule.batch_size: 'auto' sizes batches to each worker's GPU memory; "
+                             "give a number when training on CPU (scaling.use_gpu is false)")
         if isinstance(sizes, dict):
             if not sizes:
                 raise ValueError("schedule.batch_size: the mapping from GPU kind to batch size is empty")

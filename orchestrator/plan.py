@@ -107,6 +107,28 @@ def suggest(plans: dict[str, MethodPlan], gpus: dict[str, float], method: str, b
     return f"{head}; instead: {', or '.join(options)}" if options else f"{head}, and no other method or batch does"
 
 
+def plan_for(cfg: ExperimentConfig, method: str, hyperparameters: dict, device: str | torch.device,
+             sizes: Sequence[tuple[int, int]] | None = None, progress=None) -> MethodPlan:
+    """The fitted memory model of the experiment's detector tuned by ``method``, profiled on ``device``."""
+    synthetic = cfg.data.synthetic
+    return plan_method(
+        method, training_size(cfg), str(device), backbone=cfg.backbone.name, detector=cfg.model.detector,
+        engine=cfg.model.engine, backbone_kwargs={"drop_path_rate": cfg.backbone.drop_path_rate, **cfg.backbone.overrides},
+        hyperparameters=hyperparameters, detector_options=cfg.model.options,
+        num_classes=synthetic.num_classes if synthetic else None, sizes=sizes, progress=progress)
+
+
+def auto_batch_size(cfg: ExperimentConfig, device: torch.device, memory_bytes: float, reserve_gib: float = 0.5) -> int:
+    """``batch_size: auto``: the largest batch the planner predicts fits this worker's memory."""
+    plan = plan_for(cfg, cfg.tuning.method, cfg.tuning.hyperparameters, device)
+    batch = largest_batch(plan, memory_bytes, reserve_bytes=reserve_gib * GIB)
+    if batch == 0:
+        raise UserInputError(f"schedule.batch_size: auto: one {training_size(cfg)} image needs "
+                             f"{plan.peak_bytes(1) / GIB:.1f} GiB with {cfg.tuning.method}, more than this worker's "
+                             f"{memory_bytes / GIB:.1f} GiB; try e3va, a smaller data.max_size, or a bigger GPU")
+    return batch
+
+
 def plan_experiment(cfg: ExperimentConfig, gpus: dict[str, float], methods: Sequence[str] | None = None,
                     batches: Sequence[int] = (1, 2), device: str = "cpu", as_json: bool = False,
                     sizes: Sequence[tuple[int, int]] | None = None, reserve_gib: float = 0.5) -> dict[str, MethodPlan]:
@@ -126,15 +148,9 @@ def plan_experiment(cfg: ExperimentConfig, gpus: dict[str, float], methods: Sequ
     _check_engine(cfg)
     size = training_size(cfg)
     sizes = list(sizes or profile_sizes(size))
-    synthetic = cfg.data.synthetic
-    plans = {}
-    for method in methods:
-        plans[method] = plan_method(
-            method, size, device, backbone=cfg.backbone.name, detector=cfg.model.detector, engine=cfg.model.engine,
-            backbone_kwargs={"drop_path_rate": cfg.backbone.drop_path_rate, **cfg.backbone.overrides},
-            hyperparameters=hyperparameters[method], detector_options=cfg.model.options,
-            num_classes=synthetic.num_classes if synthetic else None, sizes=sizes,
-            progress=lambda line: print(line, file=sys.stderr, flush=True))
+    plans = {method: plan_for(cfg, method, hyperparameters[method], device, sizes,
+                              progress=lambda line: print(line, file=sys.stderr, flush=True))
+             for method in methods}
     rows = [(method, batch, fitting_gpus(plans[method], batch, gpus, reserve_gib))
             for method in methods for batch in batches]
     notes = [suggest(plans, gpus, method, batch, reserve_gib) for method, batch, fits in rows if not any(fits.values())]

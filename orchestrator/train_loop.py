@@ -72,11 +72,15 @@ def lr_factor(cfg: ExperimentConfig, iterations_per_epoch: int) -> Callable[[int
 
 
 def worker_batch_size(cfg: ExperimentConfig, rank: int, device: torch.device, node_resources: dict) -> int:
-    """This worker's images per step: fixed by the file, or looked up by the kind of its GPU."""
+    """This worker's images per step: fixed by the file, looked up by the kind of its GPU, or planned."""
     fixed = cfg.batch_sizes()
     if fixed is not None:
         return fixed[rank]
     by_kind = cfg.schedule.batch_size
+    if by_kind == "auto":
+        from orchestrator.plan import auto_batch_size
+        memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+        return auto_batch_size(cfg, device, memory)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         kind = kind_from_resources(node_resources, by_kind) or kind_from_name(name, by_kind)

@@ -81,3 +81,24 @@ def test_a_batch_no_gpu_holds_names_what_would_fit_instead():
     line = suggest(plans, gpus, "full", 2)
     assert line == ("full at batch 2 fits no listed GPU (needs 41.0 GiB); instead: full at batch 1 on v100 (32 GiB), "
                     "or e3va at batch 2 on p100 (16 GiB)")
+
+
+@pytest.mark.slow
+def test_auto_batch_size_is_the_largest_the_planner_fits_in_the_workers_memory():
+    import torch
+
+    from detectors.errors import UserInputError
+    from orchestrator.config import load_experiment
+    from orchestrator.plan import GIB, auto_batch_size, plan_for
+    overrides = [item for item in TINY if item != "--set"]
+    cfg = load_experiment(REPO / "experiments" / "demo.yaml", overrides)
+    cpu = torch.device("cpu")
+    plan = plan_for(cfg, "e3va", cfg.tuning.hyperparameters, cpu)
+    room_for_three = plan.peak_bytes(3) + 0.5 * GIB + (plan.peak_bytes(4) - plan.peak_bytes(3)) / 2
+    assert auto_batch_size(cfg, cpu, room_for_three) == 3
+    with pytest.raises(UserInputError, match="auto: one .* image needs .* GiB with e3va"):
+        auto_batch_size(cfg, cpu, plan.peak_bytes(1) / 2)
+    with pytest.raises(UserInputError, match="'auto' sizes batches to each worker's GPU memory"):
+        load_experiment(REPO / "experiments" / "demo.yaml", ["schedule.batch_size=auto"])
+    assert load_experiment(REPO / "experiments" / "demo.yaml",
+                           ["schedule.batch_size=auto", "scaling.use_gpu=true"]).batch_sizes() is None
