@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import resource
 import statistics
 import tempfile
 import time
@@ -243,8 +244,7 @@ def _train(cfg: ExperimentConfig, hooks: _Hooks, tracking_uri: str | None, run_i
             metrics = {**{f"train/{k}": v for k, v in losses.items()}, "lr": scheduler.get_last_lr()[0],
                        "seconds_per_iteration": seconds, "epoch": epoch, "step": step, "world_size": world,
                        "images_per_step": sum(batch_sizes)}
-            if device.type == "cuda":
-                metrics["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            metrics["peak_memory_mb"] = peak_memory_mb(device)
             if tracker:
                 tracker.log_metrics(metrics, step)
             if rank == 0:
@@ -254,7 +254,7 @@ def _train(cfg: ExperimentConfig, hooks: _Hooks, tracking_uri: str | None, run_i
             evaluate_now = last or (cfg.evaluation.period and step % cfg.evaluation.period == 0)
             checkpoint_now = last or (cfg.checkpoint.period and step % cfg.checkpoint.period == 0)
             if last:
-                metrics.update(_run_summary(step_seconds, hooks.gather(seen)))
+                metrics.update(_run_summary(step_seconds, hooks.gather(seen), hooks.gather(peak_memory_mb(device))))
                 if tracker:
                     tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("run/")}, step)
             if evaluate_now and rank == 0:
@@ -278,9 +278,18 @@ def _train(cfg: ExperimentConfig, hooks: _Hooks, tracking_uri: str | None, run_i
     return metrics
 
 
-def _run_summary(step_seconds: list[float], seen_by_rank: list[dict[int, set[int]]]) -> dict[str, float]:
-    """Steady-state speed (the median skips warm-up) and how the ranks shared the data."""
-    summary = {"run/median_seconds_per_iteration": statistics.median(step_seconds[1:] or step_seconds)}
+def peak_memory_mb(device: torch.device) -> float:
+    """This worker's peak: CUDA memory allocated on a GPU, the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
+def _run_summary(step_seconds: list[float], seen_by_rank: list[dict[int, set[int]]],
+                 peak_mb_by_rank: list[float]) -> dict[str, float]:
+    """Steady-state speed (the median skips warm-up), each worker's peak memory, how the ranks shared the data."""
+    summary = {"run/median_seconds_per_iteration": statistics.median(step_seconds[1:] or step_seconds),
+               **{f"run/peak_memory_mb_rank{rank}": mb for rank, mb in enumerate(peak_mb_by_rank)}}
     shared = 0
     for epoch in set().union(*seen_by_rank):
         per_rank = [seen.get(epoch, set()) for seen in seen_by_rank]

@@ -59,6 +59,7 @@ def test_two_gloo_workers_take_part_and_split_the_data_by_their_batch_sizes(tmp_
     # 16 images, 4 per step: one epoch of 4 steps, each image trained on by exactly one rank
     assert metrics["run/images_rank0"] == 4 and metrics["run/images_rank1"] == 12
     assert metrics["run/images_seen_by_two_ranks"] == 0
+    assert metrics["run/peak_memory_mb_rank0"] > 100 and metrics["run/peak_memory_mb_rank1"] > 100
     client, run = only_run(outcome["tracking_uri"], "e3va-demo")
     assert run.data.params["batch_total"] == "4" and run.data.params["batch_per_worker"] == "[1, 3]"
 
