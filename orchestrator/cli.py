@@ -57,6 +57,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from orchestrator.sweep import load_sweep, run_sweep
+    sweep = load_sweep(args.sweep, args.set)
+    outcome = run_sweep(sweep)
+    if outcome["interrupted"]:
+        return 130
+    print(f"finished: sweep {sweep.name} under MLflow run {outcome['parent_run_id']} in {outcome['tracking_uri']}")
+    return 1 if outcome["counts"]["failed"] else 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from orchestrator.compare import compare_runs
+    compare_runs(args.tracking_uri, experiment=args.experiment, parent_run_id=args.parent, out=args.out,
+                 heatmap=args.heatmap)
+    return 0
+
+
 def _cmd_overhead(args: argparse.Namespace) -> int:
     from orchestrator.config import load_experiment
     cfg = load_experiment(args.experiment, args.set)
@@ -115,6 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override a field, e.g. schedule.lr=0.001 (repeatable)")
     run.set_defaults(func=_cmd_run)
+
+    sweep = commands.add_parser("sweep", help="an ablation sweep with Ray Tune: one Ray Train run per trial")
+    sweep.add_argument("sweep", help="sweep YAML file (see experiments/ablations/)")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="override a field of the base experiment, e.g. schedule.iterations=4, or of the "
+                            "sweep with a sweep. prefix, e.g. sweep.max_concurrent_trials=1 (repeatable)")
+    sweep.set_defaults(func=_cmd_sweep)
+
+    compare = commands.add_parser("compare", help="the papers' table and figures from MLflow runs")
+    compare.add_argument("--experiment", default=None, help="MLflow experiment name (its runs are the rows)")
+    compare.add_argument("--parent", default=None, metavar="RUN_ID", help="a sweep's parent run (its children)")
+    compare.add_argument("--tracking-uri", default=None,
+                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///outputs/mlflow.db)")
+    compare.add_argument("--out", default=None, metavar="DIR", help="where the PNGs go (default outputs/compare)")
+    compare.add_argument("--heatmap", default=None, metavar="P1,P2",
+                         help="the two swept params of the heat map (default: the first two that vary)")
+    compare.set_defaults(func=_cmd_compare)
 
     overhead = commands.add_parser("overhead", help="seconds per iteration through a 1-worker TorchTrainer vs "
                                                     "the plain loop in this process, side by side")

@@ -202,7 +202,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     return raw
 
 
-def _describe(error: dict) -> str:
+def describe_error(error: dict) -> str:
     # Union members show up in the location ("batch_size.constrained-int"): they are not fields.
     parts = [str(part) for part in error["loc"]
              if not re.match(r"^(constrained-\w+|\w+\[.*\]|int|str|float|bool)$", str(part))]
@@ -236,7 +236,7 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experime
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
-        raise UserInputError(f"{path}: {_describe(exc.errors()[0])}") from None
+        raise UserInputError(f"{path}: {describe_error(exc.errors()[0])}") from None
     except UserInputError as exc:
         raise UserInputError(f"{path}: {exc}") from None
 

@@ -49,3 +49,26 @@ def test_the_cluster_check_counts_workers_per_node():
     check_cluster(cfg, two_v100_nodes)  # 2 + 1 workers fit
     with pytest.raises(Exception, match="3 workers each needing .* do not fit this cluster .room for 1"):
         check_cluster(cfg, two_v100_nodes[1:])
+
+
+def test_a_sweep_routes_e3va_trials_to_the_small_gpus_and_full_tuning_to_the_large(tmp_path):
+    sweep = tmp_path / "routed.yaml"
+    sweep.write_text(f"""
+name: routed
+base: {DEMO}
+overrides: {{tuning.hyperparameters: {{}}, tracking.experiment: routed}}
+space: {{tuning.method: {{grid: [e3va, fixed]}}}}
+route: {{e3va: 1080ti, fixed: v100}}
+max_concurrent_trials: 2
+""")
+    with local_ray_cluster({"gpu_1080ti": 2}, ({"gpu_v100": 2},)) as (address, _, env):
+        args = [sys.executable, "-m", "orchestrator", "sweep", str(sweep)]
+        for item in [*FAST, "scaling.workers=1", f"output_dir={tmp_path}", f"data.synthetic.root={tmp_path}/synthetic"]:
+            args += ["--set", item]
+        result = subprocess.run(args, env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("routed").experiment_id],
+                              "tags.mlflow.parentRunId != ''")
+    placed = {run.data.params["method"]: (run.data.params["gpu_kind"], run.data.params["batch_sizes"]) for run in runs}
+    assert placed == {"e3va": ("1080ti", "[1]"), "fixed": ("v100", "[3]")}

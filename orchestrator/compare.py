@@ -1,0 +1,348 @@
+"""``python -m orchestrator compare``: the papers' comparison table and figures from MLflow runs.
+
+Rows are the runs of an MLflow experiment, or the child runs of a sweep's parent run. Columns, as in
+the papers' tables: method, variant, trainable backbone parameters (and % of the backbone, i.e. of
+full fine-tuning), peak training memory, seconds per iteration (each with its % of ``full`` when a
+``full`` run is among the rows, else ``-``), box and mask AP with their difference to ``full``.
+
+Two figures (PNG, and artifacts of the parent run when one is given):
+- ``ap_vs_memory.png``: AP against peak training memory, bubble area = trainable parameters
+  (E3VA's Figure 1). Runs on CPU record no peak memory; the x axis is then seconds per iteration,
+  and the figure says so.
+- ``ap_heatmap.png``: AP over two swept hyperparameters (LoRand's Figure 6).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from detectors.errors import UserInputError
+
+# Params every run of ``orchestrator run`` logs besides the method's hyperparameters.
+RUN_PARAMS = {"method", "variant", "backbone", "detector", "engine", "batch_per_worker", "workers", "batch_total",
+              "lr", "gpu_kind", "trainable_params", "trainable_percent", "sweep", "sweep.trial_id"}
+MEMORY_KEYS = ("peak_memory_mb", "train_memory_mb")  # metric or param; the first one a run has
+
+
+def default_tracking_uri() -> str:
+    from orchestrator.tracking import default_uri
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_uri(Path("outputs") / "run")
+
+
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _sort_key(value: str):
+    number = _number(value)
+    return (0, number, "") if number is not None else (1, 0.0, str(value))
+
+
+class Row:
+    """One run's figures, read from its MLflow params and metrics."""
+
+    def __init__(self, client, run):
+        params, metrics = run.data.params, run.data.metrics
+        self.run_id = run.info.run_id
+        self.name = run.info.run_name or self.run_id[:8]
+        self.status = run.info.status
+        self.outcome = run.data.tags.get("sweep.outcome")
+        self.params = params
+        self.method = params.get("method", "?")
+        self.variant = params.get("variant", self.method)
+        self.trainable = _number(params.get("trainable_params"))
+        self.percent = _number(params.get("trainable_percent"))
+        self.memory, self.memory_key = None, None
+        for key in MEMORY_KEYS:
+            value = _number(metrics.get(key, params.get(key)))
+            if value is not None:
+                self.memory, self.memory_key = value, key
+                break
+        history = [m.value for m in client.get_metric_history(self.run_id, "seconds_per_iteration")
+                   if m.step > 1] if "seconds_per_iteration" in metrics else []
+        self.seconds = statistics.median(history) if history else _number(metrics.get("seconds_per_iteration"))
+        self.ap_box = _number(metrics.get("val_bbox_AP"))
+        self.ap_mask = _number(metrics.get("val_segm_AP"))
+        self.steps = _number(metrics.get("step"))
+
+    def hyperparameters(self) -> dict[str, str]:
+        """The method's own hyperparameters among the run's params."""
+        from detectors.tuning import resolve_method
+        try:
+            import dataclasses
+            _, config = resolve_method(self.variant, {})
+            names = [f.name for f in dataclasses.fields(config)]
+        except Exception:  # noqa: BLE001 - a method this checkout does not know
+            names = [k for k in self.params if k not in RUN_PARAMS and "." not in k]
+        return {k: self.params[k] for k in names if k in self.params}
+
+
+def find_runs(client, experiment: str | None, parent_run_id: str | None) -> tuple[list, Any]:
+    """The runs to compare, oldest first, and the parent run (if any)."""
+    from mlflow.exceptions import MlflowException
+    if experiment is None and parent_run_id is None:
+        raise UserInputError("give --experiment NAME, --parent RUN_ID or both")
+    parent = None
+    if parent_run_id is not None:
+        try:
+            parent = client.get_run(parent_run_id)
+        except MlflowException:
+            raise UserInputError(f"--parent {parent_run_id}: no such MLflow run") from None
+    if experiment is not None:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            names = [e.name for e in client.search_experiments()]
+            raise UserInputError(f"--experiment {experiment!r}: no such MLflow experiment "
+                                 f"(there are: {', '.join(names) or 'none'})")
+        experiment_ids = [found.experiment_id]
+        if parent is not None and parent.info.experiment_id != found.experiment_id:
+            raise UserInputError(f"--parent {parent_run_id} is not a run of experiment {experiment!r}")
+    else:
+        experiment_ids = [parent.info.experiment_id]
+    where = f"tags.mlflow.parentRunId = '{parent_run_id}'" if parent_run_id else ""
+    runs = client.search_runs(experiment_ids, filter_string=where, max_results=5000, order_by=["start_time ASC"])
+    parents = {r.data.tags.get("mlflow.parentRunId") for r in runs}
+    runs = [r for r in runs if r.info.run_id not in parents and r.data.tags.get("sweep.parent") != "true"]
+    if not runs:
+        what = f"child runs of {parent_run_id}" if parent_run_id else f"runs in experiment {experiment!r}"
+        raise UserInputError(f"no {what} to compare")
+    return runs, parent
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _ratio(value: float | None, reference: float | None) -> str:
+    return "-" if value is None or not reference else f"{100 * value / reference:.0f}%"
+
+
+def _delta(value: float | None, reference: float | None) -> str:
+    return "-" if value is None or reference is None else f"{value - reference:+.1f}"
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def build_table(rows: list[Row]) -> str:
+    full = [r for r in rows if r.method == "full"]
+    ref = {key: _mean(getattr(r, key) for r in full) if full else None
+           for key in ("memory", "seconds", "ap_box", "ap_mask")}
+    varied = _varied_hyperparameters(rows)
+    table = []
+    for r in rows:
+        hyper = " ".join(f"{k}={v}" for k, v in r.hyperparameters().items() if k in varied.get(r.method, ()))
+        status = r.outcome or r.status.lower()
+        if r.outcome == "stopped early" and r.steps is not None:
+            status += f" @{r.steps:.0f}"
+        table.append([r.name, r.method, f"{r.variant} {hyper}".strip(),
+                      _fmt(None if r.trainable is None else r.trainable / 1e6, 3), _fmt(r.percent, 2),
+                      _fmt(r.memory, 0), _ratio(r.memory, ref["memory"]),
+                      _fmt(r.seconds, 3), _ratio(r.seconds, ref["seconds"]),
+                      _fmt(r.ap_box), _delta(r.ap_box, ref["ap_box"]),
+                      _fmt(r.ap_mask), _delta(r.ap_mask, ref["ap_mask"]), status])
+    headers = ["run", "method", "variant", "params (M)", "% of full", "peak mem (MB)", "vs full", "s/iter", "vs full",
+               "AP box", "delta", "AP mask", "delta", "status"]
+    return tabulate(table, headers=headers, disable_numparse=True)
+
+
+def _varied_hyperparameters(rows: list[Row]) -> dict[str, set[str]]:
+    """Per method, the hyperparameters whose values differ between its rows (or from its defaults)."""
+    from detectors.tuning import resolve_method
+    import dataclasses
+    out: dict[str, set[str]] = {}
+    for method in {r.method for r in rows}:
+        mine = [r.hyperparameters() for r in rows if r.method == method]
+        keys = {k for h in mine for k in h}
+        varied = {k for k in keys if len({h.get(k) for h in mine}) > 1}
+        try:
+            _, defaults = resolve_method(method, {})
+            defaults = {k: str(v) for k, v in dataclasses.asdict(defaults).items()}
+            varied |= {k for h in mine for k, v in h.items() if defaults.get(k) != v}
+        except Exception:  # noqa: BLE001
+            pass
+        out[method] = varied
+    return out
+
+
+# ----------------------------------------------------------------------------- figures
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_ap_vs_memory(rows: list[Row], path: Path) -> str | None:
+    """AP against peak training memory, bubble area = trainable parameters. Returns a note, if any."""
+    plt = _pyplot()
+    note = None
+    use_memory = any(r.memory is not None for r in rows)
+    x_of = (lambda r: r.memory) if use_memory else (lambda r: r.seconds)
+    kind = "box" if any(r.ap_box is not None for r in rows) else "mask"
+    y_of = (lambda r: r.ap_box) if kind == "box" else (lambda r: r.ap_mask)
+    if use_memory:
+        keys = {r.memory_key for r in rows if r.memory_key}
+        xlabel = "peak training memory (MB)" if keys == {"peak_memory_mb"} else "training memory (MB)"
+    else:
+        xlabel = "seconds per iteration"
+        note = "no run recorded peak memory (CPU runs): x axis is seconds per iteration"
+    shown = [r for r in rows if x_of(r) is not None and y_of(r) is not None]
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=100)
+    if shown:
+        biggest = max((r.trainable or 0) for r in shown) or 1
+        methods = sorted({r.method for r in shown})
+        colours = plt.get_cmap("tab10")
+        for i, method in enumerate(methods):
+            mine = [r for r in shown if r.method == method]
+            ax.scatter([x_of(r) for r in mine], [y_of(r) for r in mine],
+                       s=[60 + 1500 * (r.trainable or 0) / biggest for r in mine], alpha=0.55,
+                       color=colours(i % 10), edgecolors="black", label=method)
+            for r in mine:
+                ax.annotate(r.name, (x_of(r), y_of(r)), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.legend(fontsize=8, loc="best", markerscale=0.5)
+    else:
+        ax.text(0.5, 0.5, "no run has both AP and the x figure", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"AP ({kind})")
+    title = "AP vs training cost (bubble area = trainable backbone parameters)"
+    ax.set_title(title if note is None else f"{title}\n{note}", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return note
+
+
+def swept_keys(rows: list[Row], parent) -> list[str]:
+    """Params that take more than one value among the rows, the sweep's space first."""
+    def varies(key: str) -> bool:
+        return len({r.params.get(key) for r in rows if key in r.params}) > 1
+
+    space = json.loads(parent.data.tags.get("sweep.space", "[]")) if parent is not None else []
+    keys = [k for k in space if varies(k)]
+    if not keys:  # runs from outside a sweep: dotted (sweep) params, then the methods' hyperparameters
+        keys = sorted({k for r in rows for k in r.params if "." in k and k != "sweep.trial_id" and varies(k)})
+    if len(keys) < 2:
+        hyper = sorted({k for r in rows for k in r.hyperparameters() if varies(k)})
+        keys += [k for k in hyper if not any(s.rsplit(".", 1)[-1] == k for s in keys)]
+    return keys
+
+
+def plot_heatmap(rows: list[Row], keys: tuple[str, str], path: Path) -> None:
+    """Mean AP of the runs with each pair of values of ``keys`` (LoRand's Figure 6)."""
+    plt = _pyplot()
+    import numpy as np
+    first, second = keys
+    ys = sorted({r.params[first] for r in rows if first in r.params}, key=_sort_key)
+    xs = sorted({r.params[second] for r in rows if second in r.params}, key=_sort_key)
+    kind = "box" if any(r.ap_box is not None for r in rows) else "mask"
+    grid = np.full((len(ys), len(xs)), np.nan)
+    for i, y in enumerate(ys):
+        for j, x in enumerate(xs):
+            values = [r.ap_box if kind == "box" else r.ap_mask for r in rows
+                      if r.params.get(first) == y and r.params.get(second) == x]
+            mean = _mean(values)
+            if mean is not None:
+                grid[i, j] = mean
+    fig, ax = plt.subplots(figsize=(1.2 * len(xs) + 3, 1.0 * len(ys) + 2.5), dpi=100)
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto")
+    low, high = (np.nanmin(grid), np.nanmax(grid)) if not np.isnan(grid).all() else (0.0, 0.0)
+    for i in range(len(ys)):
+        for j in range(len(xs)):
+            value = grid[i, j]
+            light = math.isnan(value) or (high > low and (value - low) / (high - low) > 0.6)
+            ax.text(j, i, "-" if math.isnan(value) else f"{value:.1f}", ha="center", va="center",
+                    color="black" if light else "white", fontsize=9)
+    ax.set_xticks(range(len(xs)), xs)
+    ax.set_yticks(range(len(ys)), ys)
+    ax.set_xlabel(second)
+    ax.set_ylabel(first)
+    ax.set_title(f"AP ({kind}) over {first.rsplit('.', 1)[-1]} x {second.rsplit('.', 1)[-1]}", fontsize=10)
+    fig.colorbar(image, ax=ax, label=f"AP ({kind})")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _pick_heatmap_keys(rows: list[Row], parent, requested: str | None) -> tuple[str, str]:
+    available = swept_keys(rows, parent)
+    if requested is not None:
+        names = [n.strip() for n in requested.split(",") if n.strip()]
+        if len(names) != 2:
+            raise UserInputError(f"--heatmap {requested!r}: give two params, e.g. branches,kernel")
+        keys = []
+        for name in names:
+            match = [k for k in available if k == name or k.rsplit(".", 1)[-1] == name]
+            if not match:
+                raise UserInputError(f"--heatmap: {name!r} does not vary among these runs "
+                                     f"(varied: {', '.join(available) or 'none'})")
+            keys.append(match[0])
+        return keys[0], keys[1]
+    if len(available) < 2:
+        raise UserInputError(f"a heat map needs two swept hyperparameters; these runs vary "
+                             f"{len(available)}: {', '.join(available) or 'none'}")
+    return available[0], available[1]
+
+
+def compare_runs(tracking_uri: str | None = None, experiment: str | None = None, parent_run_id: str | None = None,
+                 out: str | Path | None = None, heatmap: str | None = None) -> dict[str, Any]:
+    """Print the table, write the figures (and log them to the parent run); returns what it made."""
+    from mlflow.tracking import MlflowClient
+    uri = tracking_uri or default_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise UserInputError(f"no MLflow store at {uri} (give --tracking-uri)")
+    client = MlflowClient(tracking_uri=uri)
+    runs, parent = find_runs(client, experiment, parent_run_id)
+    rows = [Row(client, run) for run in runs]
+    table = build_table(rows)
+    title = f"{len(rows)} runs" + (f" of experiment {experiment!r}" if experiment else "") + \
+        (f" under sweep run {parent_run_id} ({parent.info.run_name})" if parent is not None else "")
+    print(title)
+    print(table, flush=True)
+
+    out = Path(out or Path("outputs") / "compare")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.txt").write_text(f"{title}\n{table}\n")
+    made = {"rows": rows, "table": table, "table_path": out / "table.txt", "notes": []}
+    memory_plot = out / "ap_vs_memory.png"
+    note = plot_ap_vs_memory(rows, memory_plot)
+    made["ap_vs_memory"] = memory_plot
+    if note:
+        made["notes"].append(note)
+        print(f"note: {note}")
+    try:
+        keys = _pick_heatmap_keys(rows, parent, heatmap)
+    except UserInputError as exc:
+        if heatmap is not None:
+            raise
+        made["notes"].append(f"no heat map: {exc}")
+        print(f"note: no heat map: {exc}")
+    else:
+        plot_heatmap(rows, keys, out / "ap_heatmap.png")
+        made["ap_heatmap"] = out / "ap_heatmap.png"
+    plots = [p for p in (made.get("ap_vs_memory"), made.get("ap_heatmap")) if p is not None]
+    print("wrote " + ", ".join(str(p) for p in [made["table_path"], *plots]))
+    if parent is not None:
+        try:
+            for path in [made["table_path"], *plots]:
+                client.log_artifact(parent.info.run_id, str(path), "compare")
+        except Exception as exc:  # noqa: BLE001
+            print(f"warning: could not log the figures to MLflow ({str(exc).splitlines()[0]})")
+    return made
+
+
+__all__ = ["compare_runs"]
