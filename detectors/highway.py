@@ -13,8 +13,8 @@ activation is kept for backward and no backbone weight receives a gradient.
 
 D and U are "dual low-rank": W = s_1 t_1 + s_2 t_2 with rank-``rank`` factors, which is one
 product of the concatenated factors [s_1 s_2] [t_1; t_2]. It is applied as x -> x t^T -> (.) s^T,
-never forming W, inside one autograd function that saves only x and the two rank-2r tensors and
-recomputes the hidden layer and its GELU in backward.
+never forming W, inside one autograd function per stage that saves only the adapters' inputs and
+recomputes the hidden layers and their GELU in backward.
 """
 from __future__ import annotations
 
@@ -33,59 +33,87 @@ def _adapter_hidden(x: torch.Tensor, down_t, down_s, down_bias) -> tuple[torch.T
     return z, torch.addmm(down_bias, z, down_s.T)
 
 
-class _HighwayStepFn(torch.autograd.Function):
-    """d + U1(GELU(D1(a))) + U2(GELU(D2(m))) for one block, in as few passes over memory as we can.
+def _rows_t_mm(a: torch.Tensor, b: torch.Tensor, parts: int | None = None) -> torch.Tensor:
+    """a^T b for two tall matrices (rows x p, rows x q): every weight gradient of the highway.
 
-    The step is memory-bound, so: only a and m are saved (the down projections' weight gradients
-    need them); z, the hidden layers, their GELU and y are recomputed in backward; both up
-    projections and both up biases run as one matmul on [y_a, y_m, 1], whose gradient is one
-    read of the incoming gradient; the gradient w.r.t. d passes through unchanged.
+    On a multi-threaded CPU MKL runs this reduction over the rows with little parallelism (with
+    2 threads, measured 1.2-2.7x slower than below at Swin-T stage-1 sizes), so the rows are cut
+    into ``parts`` blocks (default: one per CPU thread), multiplied as one batch and the partial
+    products summed.
+    """
+    if parts is None:
+        parts = torch.get_num_threads() if a.device.type == "cpu" else 1
+    rows = a.shape[0]
+    if parts < 2 or rows % parts or rows < 1024 * parts:
+        return a.T @ b
+    return torch.bmm(a.view(parts, rows // parts, -1).transpose(1, 2), b.view(parts, rows // parts, -1)).sum(0)
+
+
+class _HighwayStageFn(torch.autograd.Function):
+    """lead + sum_k U_k(GELU(D_k(x_k))) over all adapters of one stage (x = a_1, m_1, a_2, m_2, ...).
+
+    Within a stage the lead only accumulates adapter outputs, so every adapter sees the same
+    incoming gradient G, and the gradient w.r.t. the lead is G itself. The work is thin matmuls
+    and passes over (rows x C) tensors, so: only the x_k are saved (the down projections' weight
+    gradients need them); z, the hidden layers, their GELU and y are recomputed in backward, one
+    adapter at a time, so at most one adapter's hidden layer is alive; all up projections and up
+    biases run as one matmul on [y_1 ... y_K, 1], whose gradient is one read of G per stage, and
+    G [s_u(1) ... s_u(K)] gives every adapter's dL/dy in one more.
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, d, a, m, *params):
-        hidden, y = _HighwayStepFn._hidden_and_y(a, m, params)
-        out = torch.addmm(d.reshape(-1, d.shape[-1]), y, _HighwayStepFn._up_matrix(params).T)
-        ctx.save_for_backward(a, m, *params)
-        return out.view(d.shape)
-
-    @staticmethod
-    def _hidden_and_y(a, m, params):
-        """Per adapter (x, z, pre-activation, GELU), and y = [y_a, y_m, 1] for the joint up matmul."""
-        hidden = []
-        for x, (down_t, down_s, down_bias, up_t, _, _) in ((a, params[:6]), (m, params[6:])):
-            rows = x.reshape(-1, x.shape[-1])
-            z, pre = _adapter_hidden(rows, down_t, down_s, down_bias)
-            hidden.append((rows, z, pre, F.gelu(pre)))
-        ys = [act @ p[3].T for (_, _, _, act), p in zip(hidden, (params[:6], params[6:]))]
-        ones = ys[0].new_ones(ys[0].shape[0], 1)
-        return hidden, torch.cat([*ys, ones], dim=1)
-
-    @staticmethod
-    def _up_matrix(params):
-        """[s_u(a), s_u(m), b_u(a) + b_u(m)]: (C, 4r + 1)."""
-        return torch.cat([params[4], params[10], (params[5] + params[11])[:, None]], dim=1)
+    def forward(ctx, lead, *tensors):
+        inputs, params = _split_stage_args(tensors)
+        rows = lead.numel() // lead.shape[-1]
+        ys = []
+        for x, (down_t, down_s, down_bias, up_t, _, _) in zip(inputs, _per_adapter(params)):
+            _, pre = _adapter_hidden(x.reshape(rows, -1), down_t, down_s, down_bias)
+            ys.append(torch.ops.aten.gelu_(pre) @ up_t.T)  # pre is not needed again in forward
+        y = torch.cat([*ys, ys[0].new_ones(rows, 1)], dim=1)
+        out = torch.addmm(lead.reshape(rows, -1), y, _up_matrix(params).T)
+        ctx.save_for_backward(*inputs, *params)
+        return out.view(lead.shape)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
-        a, m, *params = ctx.saved_tensors
+        inputs, params = _split_stage_args(ctx.saved_tensors)
         g_out = grad_out.reshape(-1, grad_out.shape[-1])
-        hidden, y = _HighwayStepFn._hidden_and_y(a, m, params)
-        rank2 = params[4].shape[1]
-        g_up = g_out.T @ y                                   # (C, 4r + 1): both s_u and the bias sum
-        g_y = g_out @ torch.cat([params[4], params[10]], dim=1)
-        grads = []
-        for i, ((rows, z, pre, act), (down_t, down_s, _, up_t, _, _)) in enumerate(
-                zip(hidden, (params[:6], params[6:]))):
-            g_yi = g_y[:, i * rank2:(i + 1) * rank2]
-            g_pre = torch.ops.aten.gelu_backward(g_yi @ up_t, pre)
+        rank2 = params[0].shape[0]
+        g_y = g_out @ torch.cat(params[4::6], dim=1)     # (rows, K * 2r): every adapter's dL/dy
+        ys, grads = [], []
+        for k, (x, (down_t, down_s, down_bias, up_t, _, _)) in enumerate(zip(inputs, _per_adapter(params))):
+            x_rows = x.reshape(-1, x.shape[-1])
+            z, pre = _adapter_hidden(x_rows, down_t, down_s, down_bias)
+            act = F.gelu(pre)
+            ys.append(act @ up_t.T)
+            g_yk = g_y[:, k * rank2:(k + 1) * rank2]
+            g_pre = torch.ops.aten.gelu_backward(g_yk @ up_t, pre)
             g_z = g_pre @ down_s
-            grads += [g_z.T @ rows, g_pre.T @ z, g_pre.sum(0), g_yi.T @ act,
-                      g_up[:, i * rank2:(i + 1) * rank2], g_up[:, -1]]
-        # a and m come from the frozen backbone under no_grad: they never need a gradient.
-        return (grad_out, None, None, *(g.to(p.dtype) for g, p in zip(grads, params)))
+            grads.append([_rows_t_mm(g_z, x_rows), _rows_t_mm(g_pre, z), g_pre.sum(0), _rows_t_mm(g_yk, act)])
+        y = torch.cat([*ys, ys[0].new_ones(len(g_out), 1)], dim=1)
+        g_up = _rows_t_mm(y, g_out).T                      # (C, K * 2r + 1): every s_u and the bias sum
+        for k, g in enumerate(grads):
+            g += [g_up[:, k * rank2:(k + 1) * rank2], g_up[:, -1]]
+        flat = [g for adapter in grads for g in adapter]
+        # The x_k come from the frozen backbone under no_grad: they never need a gradient.
+        return (grad_out, *([None] * len(inputs)), *(g.to(p.dtype) for g, p in zip(flat, params)))
+
+
+def _split_stage_args(tensors):
+    """(x_1 .. x_K, then six factors per adapter in the same order) -> (inputs, params)."""
+    count = len(tensors) // 7
+    return tensors[:count], tensors[count:]
+
+
+def _per_adapter(params):
+    return (params[i:i + 6] for i in range(0, len(params), 6))
+
+
+def _up_matrix(params) -> torch.Tensor:
+    """[s_u(1) ... s_u(K), b_u(1) + ... + b_u(K)]: (C, 2r K + 1)."""
+    return torch.cat([*params[4::6], torch.stack(params[5::6]).sum(0)[:, None]], dim=1)
 
 
 class _FrozenMergeFn(torch.autograd.Function):
@@ -176,9 +204,18 @@ class HighwayBlock(nn.Module):
         self.attn = DualLowRankAdapter(dim, rank, init)
         self.mlp = DualLowRankAdapter(dim, rank, init)
 
+    def factors(self) -> tuple[nn.Parameter, ...]:
+        return (*self.attn.factors(), *self.mlp.factors())
+
     def forward(self, d: torch.Tensor, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """The highway's lead over the backbone after this block: d + U1(GELU(D1(a))) + U2(GELU(D2(m)))."""
-        return _HighwayStepFn.apply(d, a, m, *self.attn.factors(), *self.mlp.factors())
+        return highway_stage(d, [(self, a, m)])
+
+
+def highway_stage(lead: torch.Tensor, steps) -> torch.Tensor:
+    """The lead after a stage's blocks: lead + sum over (block, a, m) of U1(GELU(D1(a))) + U2(GELU(D2(m)))."""
+    inputs = [x for _, a, m in steps for x in (a, m)]
+    return _HighwayStageFn.apply(lead, *inputs, *(p for block, _, _ in steps for p in block.factors()))
 
 
 class HighwayBackbone(nn.Module):
@@ -197,7 +234,8 @@ class HighwayBackbone(nn.Module):
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         # The highway is carried as its lead over the backbone, d = e - l: the skips a + m then
         # cancel, each block only adds its two adapter outputs, and e = l + d is formed where it is
-        # used (stage outputs and patch merging).
+        # used (stage outputs and patch merging). The frozen blocks of a stage run first; their
+        # branch outputs (which backward keeps anyway) then go through the stage's highway at once.
         with torch.no_grad():
             lane = self.backbone.embed(images)
         highway = lane  # e_0 = l_0
@@ -208,13 +246,14 @@ class HighwayBackbone(nn.Module):
                     lane = stage.downsample(lane)
                 highway = merge_frozen(stage.downsample, highway)  # the gradient passes, weights stay
             lead = highway - lane
+            steps = []
             for block, adapter in zip(stage.blocks, adapters):
                 with torch.no_grad():
                     a = block.attention_branch(lane).contiguous()  # cropped from the padded map
                     lane = lane + a
                     m = block.mlp_branch(lane)
                     lane = lane + m
-                lead = adapter(lead, a, m)
-            highway = lane + lead
+                steps.append((adapter, a, m))
+            highway = lane + highway_stage(lead, steps)
             outputs.append(highway)
         return self.backbone.finish(outputs)

@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 from detectors.backbones import build_swin
 from detectors.bench import saved_tensor_bytes
-from detectors.highway import DualLowRankAdapter, HighwayBackbone, HighwayBlock, merge_frozen
+from detectors.highway import DualLowRankAdapter, HighwayBackbone, HighwayBlock, _rows_t_mm, highway_stage, merge_frozen
 from detectors.tuning import build_tuning
 
 TINY = dict(depths=(2, 2, 2, 2), embed_dim=32, num_heads=(1, 2, 4, 8))
@@ -244,6 +244,82 @@ def test_fused_highway_step_passes_gradcheck():
         return functional_call(block, dict(zip(names, params)), (d, a, m))
 
     assert torch.autograd.gradcheck(step, (d, *params))
+
+
+def _stage_case(blocks: int = 3, dim: int = 8, rank: int = 2, shape=(2, 3, 4), seed: int = 0):
+    torch.manual_seed(seed)
+    stage = nn.ModuleList(HighwayBlock(dim, rank) for _ in range(blocks)).double()
+    _randomise(stage, 0.5)
+    lead = torch.randn(*shape, dim, dtype=torch.float64, requires_grad=True)
+    branches = [(torch.randn(*shape, dim, dtype=torch.float64), torch.randn(*shape, dim, dtype=torch.float64))
+                for _ in range(blocks)]
+    return stage, lead, branches
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_fused_highway_stage_equals_plain_autograd_in_value_and_gradients(threads, monkeypatch):
+    """Several blocks through one stage function; 3 "threads" and 2 x 32 x 48 rows take the
+    row-split weight gradients, 1 the plain ones."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    stage, lead, branches = _stage_case(shape=(2, 32, 48))
+    weights = torch.randn_like(lead)
+
+    def plain():
+        out = lead
+        for block, (a, m) in zip(stage, branches):
+            out = out + block.attn(a) + block.mlp(m)
+        return out
+
+    results = []
+    for forward in (lambda: highway_stage(lead, [(b, a, m) for b, (a, m) in zip(stage, branches)]), plain):
+        stage.zero_grad(set_to_none=True)
+        lead.grad = None
+        out = forward()
+        (out * weights).sum().backward()
+        results.append((out.detach(), lead.grad.clone(), {n: p.grad.clone() for n, p in stage.named_parameters()}))
+    (fused, fused_lead, fused_p), (ref, ref_lead, ref_p) = results
+    torch.testing.assert_close(fused, ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(fused_lead, ref_lead, atol=1e-12, rtol=1e-12)
+    assert fused_p.keys() == ref_p.keys() and len(ref_p) == 3 * 12
+    for name in ref_p:
+        torch.testing.assert_close(fused_p[name], ref_p[name], atol=1e-9, rtol=1e-9, msg=name)
+        assert ref_p[name].abs().sum() > 0, name
+
+
+def test_fused_highway_stage_passes_gradcheck():
+    stage, lead, branches = _stage_case(blocks=2, dim=4, rank=1, shape=(1, 2, 3))
+    names = [n for n, _ in stage.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for p in stage.parameters()]
+
+    def run(lead, *params):
+        tensors = dict(zip(names, params))
+        steps = []
+        for i, (block, (a, m)) in enumerate(zip(stage, branches)):
+            own = {n.split(".", 1)[1]: t for n, t in tensors.items() if n.startswith(f"{i}.")}
+            steps.append((_Factors(own), a, m))
+        return highway_stage(lead, steps)
+
+    assert torch.autograd.gradcheck(run, (lead, *params))
+
+
+class _Factors:
+    """Stands in for a HighwayBlock whose factors are given tensors (for gradcheck)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def factors(self):
+        return tuple(self.tensors[f"{branch}.{name}"] for branch in ("attn", "mlp")
+                     for name in ("down_t", "down_s", "down_bias", "up_t", "up_s", "up_bias"))
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_row_split_weight_gradient_matmul_equals_plain(parts):
+    torch.manual_seed(0)
+    rows = 3 * 1024 * 2
+    a = torch.randn(rows, 40, dtype=torch.float64)[:, 8:24]  # a column slice, as dL/dy_k is
+    b = torch.randn(rows, 12, dtype=torch.float64)
+    torch.testing.assert_close(_rows_t_mm(a, b, parts), a.T @ b, atol=1e-10, rtol=1e-10)
 
 
 def _merge_case(seed: int = 0, shape=(2, 4, 6, 6)):
