@@ -15,6 +15,7 @@ from orchestrator.train_loop import worker_batch_size  # noqa: E402
 
 SIZES = [1, 3]
 LR = 0.5
+DETECTOR_DATA = "/tmp/e3va-test-weighted-batches-synthetic"  # written once, atomically, by whichever rank is first
 
 
 def tiny_e3va():
@@ -88,6 +89,62 @@ def test_batches_of_1_and_3_on_two_workers_step_like_one_batch_of_4(tmp_path, ra
     # Without the weights, DDP's plain mean over ranks over-counts the lone sample: not the same step.
     unweighted = run_two_workers(tmp_path, weighted=False)
     assert max((unweighted[n] - v).abs().max().item() for n, v in reference.items()) > 1e-4
+
+
+def demo_detector():
+    from orchestrator.train_loop import build_datasets, build_model
+    cfg = load_experiment(DEMO_EXPERIMENT, ["backbone.drop_path_rate=0", "data.synthetic.num_train=8",
+                                            f"data.synthetic.root={DETECTOR_DATA}"])
+    train, _ = build_datasets(cfg)
+    torch.manual_seed(0)
+    return train, build_model(cfg, train.num_classes)
+
+
+def detector_step(model, forward_model, train, indices, sampling_seed: int, weight: float) -> torch.Tensor:
+    from detectors.data import collate_fn
+    torch.manual_seed(123)  # the same flips
+    images, targets = collate_fn([train[i] for i in indices])
+    torch.manual_seed(sampling_seed)  # anchors and proposals sampled
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    before = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+    optimizer.zero_grad()
+    (sum(forward_model(list(images), list(targets)).values()) * weight).backward()
+    optimizer.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad]) - before
+
+
+def one_detector_step(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    torch.set_num_threads(1)
+    rank = ray.train.get_context().get_world_rank()
+    train, model = demo_detector()
+    ddp = ray.train.torch.prepare_model(model, move_to_device=False,
+                                        parallel_strategy_kwargs={"find_unused_parameters": True})
+    indices = ProportionalBatchSampler(len(train), SIZES, rank, seed=0).batches()[0]
+    update = detector_step(model, ddp, train, indices, 7 + rank, rank_loss_weight(SIZES, rank))
+    if rank == 0:
+        torch.save(update, config["out"])
+
+
+def test_a_detector_step_on_two_workers_is_close_to_one_process_step(tmp_path, ray_local):
+    """Not equal: each rank samples its own anchors and proposals, and the mask loss is a mean over
+    the positive proposals of a rank's batch, not of the union (figures in issue 6's note)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    torch.set_num_threads(1)
+    train, model = demo_detector()
+    union = [i for rank in range(2) for i in ProportionalBatchSampler(len(train), SIZES, rank, seed=0).batches()[0]]
+    single = detector_step(model, model, train, union, 7, 1.0)
+    out = tmp_path / "update.pt"
+    TorchTrainer(one_detector_step, train_loop_config={"out": str(out)},
+                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                 run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="detector")).fit()
+    distributed = torch.load(out, weights_only=True)
+    cosine = torch.nn.functional.cosine_similarity(distributed, single, dim=0).item()
+    relative = ((distributed - single).norm() / single.norm()).item()
+    print(f"detector update, 2 workers (1+3) vs 1 process (4): cosine {cosine:.4f}, relative difference {relative:.3f}")
+    assert cosine > 0.9 and relative < 0.5
 
 
 def test_each_worker_takes_the_batch_size_of_its_gpu_kind():
