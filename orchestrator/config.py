@@ -219,10 +219,11 @@ def describe_error(error: dict) -> str:
     return f"{location}: {message}"
 
 
-def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """The mapping a YAML file holds, or one line naming the file and what is wrong with it."""
     path = Path(path)
     if not path.is_file():
-        raise UserInputError(f"experiment file not found: {path}")
+        raise UserInputError(f"{what} not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -232,13 +233,21 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experime
         raise UserInputError(f"{path}: not valid YAML{where}: {problem}") from None
     if not isinstance(raw, dict):
         raise UserInputError(f"{path}: expected a mapping of sections, got a {type(raw).__name__}")
-    raw = apply_overrides(raw, overrides)
+    return raw
+
+
+def validate_experiment(path: str | Path, raw: dict[str, Any]) -> ExperimentConfig:
+    """``raw`` (read from ``path``, overrides applied) as an experiment, or one line naming the field."""
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
         raise UserInputError(f"{path}: {describe_error(exc.errors()[0])}") from None
     except UserInputError as exc:
         raise UserInputError(f"{path}: {exc}") from None
+
+
+def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    return validate_experiment(path, apply_overrides(read_yaml_mapping(path, "experiment file"), overrides))
 
 
 def check_inputs_exist(cfg: ExperimentConfig) -> None:

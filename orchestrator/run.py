@@ -23,7 +23,7 @@ from detectors.errors import UserInputError
 from detectors.params import count_parameters
 from orchestrator.checkpointing import STATE, WEIGHTS, check_identity
 from orchestrator.config import ExperimentConfig, check_inputs_exist
-from orchestrator.tracking import default_uri, reachable, warn_unreachable
+from orchestrator.tracking import default_uri, open_client, warn_unreachable
 from orchestrator.train_loop import config_identity, dataset_paths, train_loop_per_worker
 
 
@@ -93,10 +93,8 @@ def start_mlflow_run(cfg: ExperimentConfig, uri: str, *, parent_run_id: str | No
 
     Returns ``(client, None)`` when the tracking server cannot be reached: training goes on.
     """
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(tracking_uri=uri)
-    if not reachable(uri):
-        warn_unreachable(uri, "no answer from /health")
+    client, answers = open_client(uri)
+    if not answers:
         return client, None
     remembered = cfg.run_dir / MLFLOW_RUN_FILE
     try:

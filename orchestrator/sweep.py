@@ -26,11 +26,11 @@ import time
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from detectors.errors import UserInputError
-from orchestrator.config import ExperimentConfig, describe_error, apply_overrides, load_experiment
+from orchestrator.config import (ExperimentConfig, apply_overrides, describe_error, read_yaml_mapping,
+                                 validate_experiment)
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 # Set per trial by the sweep itself.
@@ -221,25 +221,11 @@ def _flatten_space(space: Any, prefix: str = "") -> Any:
     return flat
 
 
-def _read_yaml(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserInputError(f"{what} not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserInputError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or 'invalid'}") from None
-    if not isinstance(raw, dict):
-        raise UserInputError(f"{path}: expected a mapping, got a {type(raw).__name__}")
-    return raw
-
-
 def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
     """Read and check a sweep file. ``--set sweep.FIELD=V`` sets a field of the sweep itself
     (e.g. ``sweep.max_concurrent_trials=1``); any other ``--set`` overrides the base experiment."""
     path = Path(path)
-    raw = _read_yaml(path, "sweep file")
+    raw = read_yaml_mapping(path, "sweep file")
     own = [item.removeprefix("sweep.") for item in overrides if item.startswith("sweep.")]
     experiment_overrides = [item for item in overrides if not item.startswith("sweep.")]
     raw = apply_overrides(raw, own)
@@ -252,10 +238,10 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
     base_path = cfg.base if cfg.base.is_absolute() else path.parent / cfg.base
     as_text = [f"{key}={json.dumps(value)}" for key, value in cfg.overrides.items()] + experiment_overrides
     try:
-        base = load_experiment(base_path, as_text)
+        base_raw = apply_overrides(read_yaml_mapping(base_path, "base experiment"), as_text)
+        base = validate_experiment(base_path, copy.deepcopy(base_raw))
     except UserInputError as exc:
         raise UserInputError(f"{path}: base: {exc}") from None
-    base_raw = apply_overrides(_read_yaml(base_path, "base experiment"), as_text)
     sweep = Sweep(path, cfg, base_raw, base)
     sweep.configs = _check_space(sweep)
     if cfg.asha is not None:
@@ -473,12 +459,10 @@ def _fingerprint(sweep: Sweep) -> dict[str, Any]:
 
 def _parent_run(sweep: Sweep, resuming: bool) -> tuple[Any, str | None]:
     """The sweep's MLflow run: the one it had when it resumes, else a new one."""
-    from mlflow.tracking import MlflowClient
-    from orchestrator.tracking import reachable, warn_unreachable
+    from orchestrator.tracking import open_client, warn_unreachable
     uri = sweep.tracking_uri
-    client = MlflowClient(tracking_uri=uri)
-    if not reachable(uri):
-        warn_unreachable(uri, "no answer from /health")
+    client, answers = open_client(uri)
+    if not answers:
         return client, None
     remembered = sweep.dir / PARENT_RUN_FILE
     try:

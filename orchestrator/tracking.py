@@ -34,6 +34,15 @@ def warn_unreachable(uri: str, reason: str) -> None:
           flush=True)
 
 
+def open_client(uri: str) -> tuple[Any, bool]:
+    """An MLflow client for ``uri``, and whether its server answers (if not, said once here)."""
+    from mlflow.tracking import MlflowClient
+    if not reachable(uri):
+        warn_unreachable(uri, "no answer from /health")
+        return MlflowClient(tracking_uri=uri), False
+    return MlflowClient(tracking_uri=uri), True
+
+
 def default_uri(run_dir: Path) -> str:
     """The embedded default: a sqlite store beside the run's outputs."""
     return f"sqlite:///{(run_dir.parent / 'mlflow.db').resolve()}"
