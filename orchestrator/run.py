@@ -23,7 +23,7 @@ from detectors.errors import UserInputError
 from detectors.params import count_parameters
 from orchestrator.checkpointing import STATE, WEIGHTS, check_identity
 from orchestrator.config import ExperimentConfig, check_inputs_exist
-from orchestrator.tracking import default_uri, open_client, warn_unreachable
+from orchestrator.tracking import default_uri, experiment_id, open_client, warn_unreachable
 from orchestrator.train_loop import config_identity, dataset_paths, train_loop_per_worker
 
 
@@ -107,10 +107,8 @@ def start_mlflow_run(cfg: ExperimentConfig, uri: str, *, parent_run_id: str | No
             client.update_run(run_id, "RUNNING")
             print(f"resuming MLflow run {run_id} (was {status})", flush=True)
             return client, run_id
-        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.tracking.experiment)
         tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
-        run = client.create_run(experiment_id, run_name=cfg.name, tags=tags)
+        run = client.create_run(experiment_id(client, cfg.tracking.experiment, uri), run_name=cfg.name, tags=tags)
         for key, value in {**_params(cfg), **(extra_params or {})}.items():
             client.log_param(run.info.run_id, key, value)
         remembered.write_text(run.info.run_id)

@@ -459,7 +459,7 @@ def _fingerprint(sweep: Sweep) -> dict[str, Any]:
 
 def _parent_run(sweep: Sweep, resuming: bool) -> tuple[Any, str | None]:
     """The sweep's MLflow run: the one it had when it resumes, else a new one."""
-    from orchestrator.tracking import open_client, warn_unreachable
+    from orchestrator.tracking import experiment_id, open_client, warn_unreachable
     uri = sweep.tracking_uri
     client, answers = open_client(uri)
     if not answers:
@@ -472,10 +472,7 @@ def _parent_run(sweep: Sweep, resuming: bool) -> tuple[Any, str | None]:
                   f"(was {client.get_run(run_id).info.status})", flush=True)
             client.update_run(run_id, "RUNNING")
             return client, run_id
-        experiment = client.get_experiment_by_name(sweep.base.tracking.experiment)
-        experiment_id = (experiment.experiment_id if experiment
-                         else client.create_experiment(sweep.base.tracking.experiment))
-        run = client.create_run(experiment_id, run_name=sweep.name,
+        run = client.create_run(experiment_id(client, sweep.base.tracking.experiment, uri), run_name=sweep.name,
                                 tags={"sweep.space": json.dumps(list(sweep.cfg.space)), "sweep.parent": "true"})
         run_id = run.info.run_id
         params = {"sweep_file": str(sweep.path), "base": str(sweep.cfg.base), "num_samples": sweep.cfg.num_samples,

@@ -43,6 +43,18 @@ def open_client(uri: str) -> tuple[Any, bool]:
     return MlflowClient(tracking_uri=uri), True
 
 
+def experiment_id(client, name: str, uri: str) -> str:
+    """The MLflow experiment ``name``, created if new. With a local sqlite store its artifacts go
+    beside the store, not into ``./mlruns`` of whatever directory the command ran in."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
 def default_uri(run_dir: Path) -> str:
     """The embedded default: a sqlite store beside the run's outputs."""
     return f"sqlite:///{(run_dir.parent / 'mlflow.db').resolve()}"

@@ -7,6 +7,7 @@ pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from orchestrator.cli import main  # noqa: E402
+from orchestrator.tracking import experiment_id  # noqa: E402
 
 
 def add_run(client, experiment_id, name, params, metrics, parent=None):
@@ -29,12 +30,12 @@ def method_params(method, variant, trainable, percent, **hyper):
 def store(tmp_path_factory):
     uri = f"sqlite:///{tmp_path_factory.mktemp('store')}/mlflow.db"
     client = MlflowClient(uri)
-    methods = client.create_experiment("methods")
+    methods = experiment_id(client, "methods", uri)
     add_run(client, methods, "full", method_params("full", "full", 1000, 100.0),
             {"peak_memory_mb": 2000, "seconds_per_iteration": 1.0, "val_bbox_AP": 40.0, "val_segm_AP": 35.0})
     add_run(client, methods, "e3va", method_params("e3va", "e3va", 20, 2.0, rank=8, init="kaiming"),
             {"peak_memory_mb": 1000, "seconds_per_iteration": 0.5, "val_bbox_AP": 39.0, "val_segm_AP": 34.5})
-    grid = client.create_experiment("grid")
+    grid = experiment_id(client, "grid", uri)
     parent = client.create_run(grid, run_name="lorand-grid", tags={"sweep.parent": "true"}).info.run_id
     client.set_tag(parent, "sweep.space", '["tuning.hyperparameters.branches", "tuning.hyperparameters.kernel"]')
     for branches in (2, 4):

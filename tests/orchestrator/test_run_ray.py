@@ -40,6 +40,7 @@ def test_demo_command_finishes_an_mlflow_run_with_coco_metrics_and_the_adapter_c
     assert "mlflow ui --backend-store-uri" in result.stdout and "AP50" in result.stdout
     client, run = only_run(f"sqlite:///{tmp_path}/mlflow.db", "e3va-demo")
     assert run.info.status == "FINISHED"
+    assert run.info.artifact_uri.startswith(tmp_path.resolve().as_uri())  # beside the store, not in ./mlruns
     assert run.data.params["method"] == "e3va" and run.data.params["rank"] == "8"
     for name in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
         assert f"val_bbox_{name}" in run.data.metrics and f"val_segm_{name}" in run.data.metrics
