@@ -42,7 +42,8 @@ def measure_overhead(cfg: ExperimentConfig, rounds: int = 2) -> dict:
     rows = []
     with tempfile.TemporaryDirectory(prefix="overhead-") as tmp:
         for round_ in range(rounds):
-            for path in ("plain loop", "TorchTrainer"):
+            paths = ("plain loop", "TorchTrainer")
+            for path in paths if round_ % 2 == 0 else paths[::-1]:  # neither always runs on a warmer machine
                 run_cfg = _variant(cfg, Path(tmp), f"{path.replace(' ', '_')}-{round_}")
                 started = time.perf_counter()
                 if path == "plain loop":
@@ -51,9 +52,12 @@ def measure_overhead(cfg: ExperimentConfig, rounds: int = 2) -> dict:
                     metrics = build_trainer(run_cfg, None, None).fit().metrics
                 rows.append({"round": round_ + 1, "path": path, "seconds_per_iteration": metrics[SPEED],
                              "wall_seconds": time.perf_counter() - started})
-    plain = statistics.median(r["seconds_per_iteration"] for r in rows if r["path"] == "plain loop")
-    trainer = statistics.median(r["seconds_per_iteration"] for r in rows if r["path"] == "TorchTrainer")
-    return {"rows": rows, "plain": plain, "trainer": trainer, "ratio": trainer / plain}
+    speed = {(r["round"], r["path"]): r["seconds_per_iteration"] for r in rows}
+    plain = statistics.median(v for (_, path), v in speed.items() if path == "plain loop")
+    trainer = statistics.median(v for (_, path), v in speed.items() if path == "TorchTrainer")
+    # A machine's slow spells last longer than one run, so each round's own ratio shows the spread.
+    by_round = [speed[r, "TorchTrainer"] / speed[r, "plain loop"] for r in range(1, rounds + 1)]
+    return {"rows": rows, "plain": plain, "trainer": trainer, "ratio": trainer / plain, "round_ratios": by_round}
 
 
 def print_overhead(result: dict, iterations: int) -> None:
@@ -62,4 +66,5 @@ def print_overhead(result: dict, iterations: int) -> None:
                    headers=["round", "path", "s/iter (median)", f"wall s ({iterations} its, startup, eval)"],
                    disable_numparse=True))
     print(f"\nTorchTrainer (1 worker) / plain loop, seconds per iteration: {result['ratio']:.3f} "
-          f"({(result['ratio'] - 1) * 100:+.1f}%)")
+          f"({(result['ratio'] - 1) * 100:+.1f}%); by round: "
+          + ", ".join(f"{(r - 1) * 100:+.1f}%" for r in result["round_ratios"]))
