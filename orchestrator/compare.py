@@ -13,6 +13,7 @@ Two figures (PNG, and artifacts of the parent run when one is given):
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -77,14 +78,20 @@ class Row:
 
     def hyperparameters(self) -> dict[str, str]:
         """The method's own hyperparameters among the run's params."""
-        from detectors.tuning import resolve_method
-        try:
-            import dataclasses
-            _, config = resolve_method(self.variant, {})
-            names = [f.name for f in dataclasses.fields(config)]
-        except Exception:  # noqa: BLE001 - a method this checkout does not know
-            names = [k for k in self.params if k not in RUN_PARAMS and "." not in k]
+        defaults = _defaults(self.variant)
+        names = defaults if defaults is not None else [k for k in self.params if k not in RUN_PARAMS and "." not in k]
         return {k: self.params[k] for k in names if k in self.params}
+
+
+def _defaults(method: str) -> dict[str, str] | None:
+    """A method's or variant's default hyperparameters as MLflow params, or None if this checkout
+    does not know it (a run from another version)."""
+    from detectors.tuning import resolve_method
+    try:
+        _, config = resolve_method(method, {})
+    except UserInputError:
+        return None
+    return {k: str(v) for k, v in dataclasses.asdict(config).items()}
 
 
 def find_runs(client, experiment: str | None, parent_run_id: str | None) -> tuple[list, Any]:
@@ -160,19 +167,14 @@ def build_table(rows: list[Row]) -> str:
 
 def _varied_hyperparameters(rows: list[Row]) -> dict[str, set[str]]:
     """Per method, the hyperparameters whose values differ between its rows (or from its defaults)."""
-    from detectors.tuning import resolve_method
-    import dataclasses
     out: dict[str, set[str]] = {}
     for method in {r.method for r in rows}:
         mine = [r.hyperparameters() for r in rows if r.method == method]
         keys = {k for h in mine for k in h}
         varied = {k for k in keys if len({h.get(k) for h in mine}) > 1}
-        try:
-            _, defaults = resolve_method(method, {})
-            defaults = {k: str(v) for k, v in dataclasses.asdict(defaults).items()}
+        defaults = _defaults(method)
+        if defaults is not None:
             varied |= {k for h in mine for k, v in h.items() if defaults.get(k) != v}
-        except Exception:  # noqa: BLE001
-            pass
         out[method] = varied
     return out
 

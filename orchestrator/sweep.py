@@ -496,11 +496,12 @@ def _close_children(client, sweep: Sweep, results, interrupted: bool, max_t: int
     A trial finished when its MLflow run did (``run_experiment`` got to its end). A trial Tune ended
     without an error before that was stopped early by ASHA, unless the whole sweep was interrupted.
     """
+    from orchestrator.run import MLFLOW_RUN_FILE
     counts = {"finished": 0, "stopped early": 0, "failed": 0, "unfinished": 0}
     for result in results:
         name = Path(result.path).name
         metrics = result.metrics or {}
-        remembered = sweep.dir / "trials" / name / "mlflow_run_id"
+        remembered = sweep.dir / "trials" / name / MLFLOW_RUN_FILE
         run_id = remembered.read_text().strip() if client is not None and remembered.is_file() else None
         status = None
         if run_id is not None:

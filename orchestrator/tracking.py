@@ -37,10 +37,10 @@ def warn_unreachable(uri: str, reason: str) -> None:
 def open_client(uri: str) -> tuple[Any, bool]:
     """An MLflow client for ``uri``, and whether its server answers (if not, said once here)."""
     from mlflow.tracking import MlflowClient
-    if not reachable(uri):
+    answers = reachable(uri)
+    if not answers:
         warn_unreachable(uri, "no answer from /health")
-        return MlflowClient(tracking_uri=uri), False
-    return MlflowClient(tracking_uri=uri), True
+    return MlflowClient(tracking_uri=uri), answers
 
 
 def experiment_id(client, name: str, uri: str) -> str:

@@ -216,17 +216,24 @@ def _step_case(dim: int = 8, rank: int = 2, shape=(2, 3, 4), seed: int = 0):
     return block, d, a, m
 
 
-def test_fused_highway_step_equals_plain_autograd_in_value_and_gradients():
-    block, d, a, m = _step_case()
-    weights = torch.randn_like(d)
+def _outputs_and_gradients(module, lead, forwards):
+    """For each forward: its output, and the gradients of lead and of every parameter of module
+    under one fixed weighting of the output."""
+    weights = torch.randn_like(lead)
     results = []
-    for forward in (lambda: block(d, a, m), lambda: d + block.attn(a) + block.mlp(m)):
-        block.zero_grad(set_to_none=True)
-        d.grad = None
+    for forward in forwards:
+        module.zero_grad(set_to_none=True)
+        lead.grad = None
         out = forward()
         (out * weights).sum().backward()
-        results.append((out.detach(), d.grad.clone(), {n: p.grad.clone() for n, p in block.named_parameters()}))
-    (fused, fused_d, fused_p), (ref, ref_d, ref_p) = results
+        results.append((out.detach(), lead.grad.clone(), {n: p.grad.clone() for n, p in module.named_parameters()}))
+    return results
+
+
+def test_fused_highway_step_equals_plain_autograd_in_value_and_gradients():
+    block, d, a, m = _step_case()
+    (fused, fused_d, fused_p), (ref, ref_d, ref_p) = _outputs_and_gradients(
+        block, d, [lambda: block(d, a, m), lambda: d + block.attn(a) + block.mlp(m)])
     torch.testing.assert_close(fused, ref, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(fused_d, ref_d, atol=1e-12, rtol=1e-12)
     assert fused_p.keys() == ref_p.keys() and len(ref_p) == 12
@@ -262,7 +269,6 @@ def test_fused_highway_stage_equals_plain_autograd_in_value_and_gradients(thread
     row-split weight gradients, 1 the plain ones."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     stage, lead, branches = _stage_case(shape=(2, 32, 48))
-    weights = torch.randn_like(lead)
 
     def plain():
         out = lead
@@ -270,14 +276,8 @@ def test_fused_highway_stage_equals_plain_autograd_in_value_and_gradients(thread
             out = out + block.attn(a) + block.mlp(m)
         return out
 
-    results = []
-    for forward in (lambda: highway_stage(lead, [(b, a, m) for b, (a, m) in zip(stage, branches)]), plain):
-        stage.zero_grad(set_to_none=True)
-        lead.grad = None
-        out = forward()
-        (out * weights).sum().backward()
-        results.append((out.detach(), lead.grad.clone(), {n: p.grad.clone() for n, p in stage.named_parameters()}))
-    (fused, fused_lead, fused_p), (ref, ref_lead, ref_p) = results
+    (fused, fused_lead, fused_p), (ref, ref_lead, ref_p) = _outputs_and_gradients(
+        stage, lead, [lambda: highway_stage(lead, [(b, a, m) for b, (a, m) in zip(stage, branches)]), plain])
     torch.testing.assert_close(fused, ref, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(fused_lead, ref_lead, atol=1e-12, rtol=1e-12)
     assert fused_p.keys() == ref_p.keys() and len(ref_p) == 3 * 12
