@@ -63,15 +63,20 @@ class _HighwayStageFn(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, lead, *tensors):
+    def forward(ctx, lead, base, *tensors):
         inputs, params = _split_stage_args(tensors)
         rows = lead.numel() // lead.shape[-1]
         ys = []
         for x, (down_t, down_s, down_bias, up_t, _, _) in zip(inputs, _per_adapter(params)):
             _, pre = _adapter_hidden(x.reshape(rows, -1), down_t, down_s, down_bias)
             ys.append(torch.ops.aten.gelu_(pre) @ up_t.T)  # pre is not needed again in forward
+            del pre  # freed before the next adapter allocates its own, so the allocator reuses it
         y = torch.cat([*ys, ys[0].new_ones(rows, 1)], dim=1)
-        out = torch.addmm(lead.reshape(rows, -1), y, _up_matrix(params).T)
+        if base is None:
+            out = torch.addmm(lead.reshape(rows, -1), y, _up_matrix(params).T)
+        else:  # base + lead in one pass, then the up projections accumulate into it in place
+            out = torch.add(base, lead).view(rows, -1)
+            out.addmm_(y.to(out.dtype), _up_matrix(params).T)  # in place: autocast leaves it to us
         ctx.save_for_backward(*inputs, *params)
         return out.view(lead.shape)
 
@@ -86,19 +91,23 @@ class _HighwayStageFn(torch.autograd.Function):
         for k, (x, (down_t, down_s, down_bias, up_t, _, _)) in enumerate(zip(inputs, _per_adapter(params))):
             x_rows = x.reshape(-1, x.shape[-1])
             z, pre = _adapter_hidden(x_rows, down_t, down_s, down_bias)
-            act = F.gelu(pre)
-            ys.append(act @ up_t.T)
             g_yk = g_y[:, k * rank2:(k + 1) * rank2]
-            g_pre = torch.ops.aten.gelu_backward(g_yk @ up_t, pre)
+            # Two (rows x C/2) buffers per adapter: dL/d(act) becomes dL/d(pre) in place, then
+            # pre becomes act in place.
+            g_pre = g_yk @ up_t
+            torch.ops.aten.gelu_backward.grad_input(g_pre, pre, grad_input=g_pre)
+            act = torch.ops.aten.gelu_(pre)
+            ys.append(act @ up_t.T)
             g_z = g_pre @ down_s
             grads.append([_rows_t_mm(g_z, x_rows), _rows_t_mm(g_pre, z), g_pre.sum(0), _rows_t_mm(g_yk, act)])
+            del z, pre, act, g_pre, g_z  # freed before the next adapter allocates the same sizes
         y = torch.cat([*ys, ys[0].new_ones(len(g_out), 1)], dim=1)
         g_up = _rows_t_mm(y, g_out).T                      # (C, K * 2r + 1): every s_u and the bias sum
         for k, g in enumerate(grads):
             g += [g_up[:, k * rank2:(k + 1) * rank2], g_up[:, -1]]
         flat = [g for adapter in grads for g in adapter]
-        # The x_k come from the frozen backbone under no_grad: they never need a gradient.
-        return (grad_out, *([None] * len(inputs)), *(g.to(p.dtype) for g, p in zip(flat, params)))
+        # base and the x_k come from the frozen backbone under no_grad: they never need a gradient.
+        return (grad_out, None, *([None] * len(inputs)), *(g.to(p.dtype) for g, p in zip(flat, params)))
 
 
 def _split_stage_args(tensors):
@@ -212,10 +221,14 @@ class HighwayBlock(nn.Module):
         return highway_stage(d, [(self, a, m)])
 
 
-def highway_stage(lead: torch.Tensor, steps) -> torch.Tensor:
-    """The lead after a stage's blocks: lead + sum over (block, a, m) of U1(GELU(D1(a))) + U2(GELU(D2(m)))."""
+def highway_stage(lead: torch.Tensor, steps, base: torch.Tensor | None = None) -> torch.Tensor:
+    """The lead after a stage's blocks: lead + sum over (block, a, m) of U1(GELU(D1(a))) + U2(GELU(D2(m))).
+
+    With ``base`` (a tensor that needs no gradient, e.g. the backbone's lane) the result is
+    base + that lead, formed without a separate addition.
+    """
     inputs = [x for _, a, m in steps for x in (a, m)]
-    return _HighwayStageFn.apply(lead, *inputs, *(p for block, _, _ in steps for p in block.factors()))
+    return _HighwayStageFn.apply(lead, base, *inputs, *(p for block, _, _ in steps for p in block.factors()))
 
 
 class HighwayBackbone(nn.Module):
@@ -254,6 +267,6 @@ class HighwayBackbone(nn.Module):
                     m = block.mlp_branch(lane)
                     lane = lane + m
                 steps.append((adapter, a, m))
-            highway = lane + highway_stage(lead, steps)
+            highway = highway_stage(lead, steps, base=lane)
             outputs.append(highway)
         return self.backbone.finish(outputs)

@@ -58,6 +58,26 @@ def shifted_window_mask(height: int, width: int, window: int, shift: int, device
     return torch.zeros_like(diff).masked_fill(diff != 0, _MASKED)
 
 
+def unshift_and_crop(x: torch.Tensor, shift: int, height: int, width: int) -> torch.Tensor:
+    """``torch.roll(x, (shift, shift), (1, 2))[:, :height, :width]`` as one contiguous copy.
+
+    Row i of the result is row (i - shift) mod H_padded of x: the last ``shift`` padded rows
+    first, then the first ``height - shift``; the same for columns. Written by slice assignment,
+    so meant for tensors that need no gradient.
+    """
+    padded_h, padded_w = x.shape[1:3]
+    top, left = min(shift, height), min(shift, width)
+    rows = [(slice(0, top), slice(padded_h - shift, padded_h - shift + top)),
+            (slice(top, height), slice(0, height - top))]
+    cols = [(slice(0, left), slice(padded_w - shift, padded_w - shift + left)),
+            (slice(left, width), slice(0, width - left))]
+    out = x.new_empty(x.shape[0], height, width, x.shape[3])
+    for out_rows, in_rows in rows:
+        for out_cols, in_cols in cols:
+            out[:, out_rows, out_cols] = x[:, in_rows, in_cols]
+    return out
+
+
 class SwinBlock(nn.Module):
     """A (shifted-)window transformer block in NHWC layout, with timm's parameter names."""
 
@@ -91,7 +111,9 @@ class SwinBlock(nn.Module):
         windows = window_partition(h, (win, win)).view(-1, win * win, channels)
         windows = self.attn(windows, mask=mask)
         h = window_reverse(windows.view(-1, win, win, channels), (win, win), padded_h, padded_w)
-        if shift:
+        if shift and not h.requires_grad:
+            h = unshift_and_crop(h, shift, height, width)  # one copy where roll, then crop, costs two
+        elif shift:
             h = torch.roll(h, shifts=(shift, shift), dims=(1, 2))
         return self.drop_path1(h[:, :height, :width, :])
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from detectors.backbones import build_swin, load_swin_weights
-from detectors.backbones.swin import SwinBlock
+from detectors.backbones.swin import SwinBlock, unshift_and_crop
 from detectors.errors import UserInputError
 
 TINY = dict(depths=(2, 2, 2, 2), embed_dim=32, num_heads=(1, 2, 4, 8))
@@ -139,6 +139,26 @@ def test_odd_blocks_shift_even_when_the_map_is_smaller_than_the_window():
         last_odd.shift_size = 0
         unshifted = last_odd(seen["x"])
     assert (unshifted - seen["out"]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("padded, size, shift", [((133, 161), (128, 160), 3), ((7, 14), (2, 10), 3),
+                                                  ((7, 7), (1, 1), 3), ((24, 12), (20, 12), 6)])
+def test_unshift_and_crop_equals_roll_then_crop(padded, size, shift):
+    x = torch.randn(2, *padded, 5)
+    out = unshift_and_crop(x, shift, *size)
+    assert out.is_contiguous()
+    assert torch.equal(out, torch.roll(x, (shift, shift), (1, 2))[:, :size[0], :size[1]])
+
+
+def test_a_shifted_block_gives_the_same_output_with_and_without_autograd():
+    """Frozen (no gradient) blocks take the one-copy unshift; trained ones roll, then crop."""
+    block = build_swin("swin_t", drop_path_rate=0.0).layers[0].blocks[1]
+    x = torch.randn(1, 17, 23, 96)
+    with torch.no_grad():
+        frozen = block(x)
+    trained = block(x.requires_grad_(True))
+    assert trained.requires_grad
+    torch.testing.assert_close(frozen, trained.detach(), rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------------------------

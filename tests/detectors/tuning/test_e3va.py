@@ -263,21 +263,25 @@ def _stage_case(blocks: int = 3, dim: int = 8, rank: int = 2, shape=(2, 3, 4), s
     return stage, lead, branches
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-def test_fused_highway_stage_equals_plain_autograd_in_value_and_gradients(threads, monkeypatch):
+@pytest.mark.parametrize("threads, with_base", [(1, False), (3, False), (1, True)])
+def test_fused_highway_stage_equals_plain_autograd_in_value_and_gradients(threads, with_base, monkeypatch):
     """Several blocks through one stage function; 3 "threads" and 2 x 32 x 48 rows take the
-    row-split weight gradients, 1 the plain ones."""
+    row-split weight gradients, 1 the plain ones. With a base (the backbone's lane) the stage
+    adds it to the result."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     stage, lead, branches = _stage_case(shape=(2, 32, 48))
+    base = torch.randn_like(lead).detach() if with_base else None
 
     def plain():
-        out = lead
+        out = lead if base is None else base + lead
         for block, (a, m) in zip(stage, branches):
             out = out + block.attn(a) + block.mlp(m)
         return out
 
-    (fused, fused_lead, fused_p), (ref, ref_lead, ref_p) = _outputs_and_gradients(
-        stage, lead, [lambda: highway_stage(lead, [(b, a, m) for b, (a, m) in zip(stage, branches)]), plain])
+    def fused():
+        return highway_stage(lead, [(b, a, m) for b, (a, m) in zip(stage, branches)], base=base)
+
+    (fused, fused_lead, fused_p), (ref, ref_lead, ref_p) = _outputs_and_gradients(stage, lead, [fused, plain])
     torch.testing.assert_close(fused, ref, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(fused_lead, ref_lead, atol=1e-12, rtol=1e-12)
     assert fused_p.keys() == ref_p.keys() and len(ref_p) == 3 * 12
