@@ -54,11 +54,12 @@ class _HighwayStageFn(torch.autograd.Function):
 
     Within a stage the lead only accumulates adapter outputs, so every adapter sees the same
     incoming gradient G, and the gradient w.r.t. the lead is G itself. The work is thin matmuls
-    and passes over (rows x C) tensors, so: only the x_k are saved (the down projections' weight
-    gradients need them); z, the hidden layers, their GELU and y are recomputed in backward, one
-    adapter at a time, so at most one adapter's hidden layer is alive; all up projections and up
-    biases run as one matmul on [y_1 ... y_K, 1], whose gradient is one read of G per stage, and
-    G [s_u(1) ... s_u(K)] gives every adapter's dL/dy in one more.
+    and passes over (rows x C) tensors, so: the x_k are saved (the down projections' weight
+    gradients need them); the hidden layers and their GELU are recomputed in backward, one adapter
+    at a time, so at most one adapter's hidden layer is alive; z = x t_d^T and y (2r wide each) are
+    kept where that adds at most a quarter to the x_k's bytes (``_keeps_z_and_y``), else recomputed
+    too; all up projections and up biases run as one matmul on [y_1 ... y_K, 1], whose gradient is
+    one read of G per stage, and G [s_u(1) ... s_u(K)] gives every adapter's dL/dy in one more.
     """
 
     @staticmethod
@@ -66,48 +67,67 @@ class _HighwayStageFn(torch.autograd.Function):
     def forward(ctx, lead, base, *tensors):
         inputs, params = _split_stage_args(tensors)
         rows = lead.numel() // lead.shape[-1]
-        ys = []
+        keep = ctx.keep = _keeps_z_and_y(lead.shape[-1], params[0].shape[0])
+        ys, zs = [], []
         for x, (down_t, down_s, down_bias, up_t, _, _) in zip(inputs, _per_adapter(params)):
-            _, pre = _adapter_hidden(x.reshape(rows, -1), down_t, down_s, down_bias)
+            z, pre = _adapter_hidden(x.reshape(rows, -1), down_t, down_s, down_bias)
+            if keep:
+                zs.append(z)
             ys.append(torch.ops.aten.gelu_(pre) @ up_t.T)  # pre is not needed again in forward
-            del pre  # freed before the next adapter allocates its own, so the allocator reuses it
+            del z, pre  # freed before the next adapter allocates its own, so the allocator reuses them
         y = torch.cat([*ys, ys[0].new_ones(rows, 1)], dim=1)
         if base is None:
             out = torch.addmm(lead.reshape(rows, -1), y, _up_matrix(params).T)
         else:  # base + lead in one pass, then the up projections accumulate into it in place
             out = torch.add(base, lead).view(rows, -1)
             out.addmm_(y.to(out.dtype), _up_matrix(params).T)  # in place: autocast leaves it to us
-        ctx.save_for_backward(*inputs, *params)
+        ctx.save_for_backward(*inputs, *params, *((*zs, y) if keep else ()))
         return out.view(lead.shape)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
-        inputs, params = _split_stage_args(ctx.saved_tensors)
+        saved = ctx.saved_tensors
+        count = (len(saved) - 1) // 8 if ctx.keep else len(saved) // 7
+        inputs, params, kept = saved[:count], saved[count:7 * count], saved[7 * count:]
         g_out = grad_out.reshape(-1, grad_out.shape[-1])
         rank2 = params[0].shape[0]
         g_y = g_out @ torch.cat(params[4::6], dim=1)     # (rows, K * 2r): every adapter's dL/dy
         ys, grads = [], []
         for k, (x, (down_t, down_s, down_bias, up_t, _, _)) in enumerate(zip(inputs, _per_adapter(params))):
             x_rows = x.reshape(-1, x.shape[-1])
-            z, pre = _adapter_hidden(x_rows, down_t, down_s, down_bias)
+            if ctx.keep:
+                z = kept[k]
+                pre = torch.addmm(down_bias, z, down_s.T)
+            else:
+                z, pre = _adapter_hidden(x_rows, down_t, down_s, down_bias)
             g_yk = g_y[:, k * rank2:(k + 1) * rank2]
             # Two (rows x C/2) buffers per adapter: dL/d(act) becomes dL/d(pre) in place, then
             # pre becomes act in place.
             g_pre = g_yk @ up_t
             torch.ops.aten.gelu_backward.grad_input(g_pre, pre, grad_input=g_pre)
             act = torch.ops.aten.gelu_(pre)
-            ys.append(act @ up_t.T)
+            if not ctx.keep:
+                ys.append(act @ up_t.T)
             g_z = g_pre @ down_s
             grads.append([_rows_t_mm(g_z, x_rows), _rows_t_mm(g_pre, z), g_pre.sum(0), _rows_t_mm(g_yk, act)])
             del z, pre, act, g_pre, g_z  # freed before the next adapter allocates the same sizes
-        y = torch.cat([*ys, ys[0].new_ones(len(g_out), 1)], dim=1)
+        y = kept[-1] if ctx.keep else torch.cat([*ys, ys[0].new_ones(len(g_out), 1)], dim=1)
         g_up = _rows_t_mm(y, g_out).T                      # (C, K * 2r + 1): every s_u and the bias sum
         for k, g in enumerate(grads):
             g += [g_up[:, k * rank2:(k + 1) * rank2], g_up[:, -1]]
         flat = [g for adapter in grads for g in adapter]
         # base and the x_k come from the frozen backbone under no_grad: they never need a gradient.
         return (grad_out, None, *([None] * len(inputs)), *(g.to(p.dtype) for g, p in zip(flat, params)))
+
+
+def _keeps_z_and_y(channels: int, rank2: int) -> bool:
+    """Whether backward keeps z and y (2r wide each) rather than recomputing them from x (C wide).
+
+    Keeping them costs 4r / C of the inputs' bytes and saves reading x once more; they are kept
+    where that is at most a quarter (rank 8: C >= 128, the later stages of Swin-T).
+    """
+    return 2 * rank2 <= channels / 4
 
 
 def _split_stage_args(tensors):

@@ -12,7 +12,8 @@ from torch.func import functional_call
 
 from detectors.backbones import build_swin
 from detectors.bench import saved_tensor_bytes
-from detectors.highway import DualLowRankAdapter, HighwayBackbone, HighwayBlock, _rows_t_mm, highway_stage, merge_frozen
+from detectors.highway import (DualLowRankAdapter, HighwayBackbone, HighwayBlock, _keeps_z_and_y, _rows_t_mm,
+                               highway_stage, merge_frozen)
 from detectors.tuning import build_tuning
 
 TINY = dict(depths=(2, 2, 2, 2), embed_dim=32, num_heads=(1, 2, 4, 8))
@@ -263,13 +264,14 @@ def _stage_case(blocks: int = 3, dim: int = 8, rank: int = 2, shape=(2, 3, 4), s
     return stage, lead, branches
 
 
-@pytest.mark.parametrize("threads, with_base", [(1, False), (3, False), (1, True)])
-def test_fused_highway_stage_equals_plain_autograd_in_value_and_gradients(threads, with_base, monkeypatch):
+@pytest.mark.parametrize("threads, with_base, dim", [(1, False, 8), (3, False, 8), (1, True, 8), (3, True, 32)])
+def test_fused_highway_stage_equals_plain_autograd_in_value_and_gradients(threads, with_base, dim, monkeypatch):
     """Several blocks through one stage function; 3 "threads" and 2 x 32 x 48 rows take the
     row-split weight gradients, 1 the plain ones. With a base (the backbone's lane) the stage
-    adds it to the result."""
+    adds it to the result. At dim 8 backward recomputes z and y, at dim 32 it keeps them."""
+    assert _keeps_z_and_y(dim, 2 * 2) == (dim == 32)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    stage, lead, branches = _stage_case(shape=(2, 32, 48))
+    stage, lead, branches = _stage_case(dim=dim, shape=(2, 32, 48))
     base = torch.randn_like(lead).detach() if with_base else None
 
     def plain():
@@ -290,8 +292,9 @@ def test_fused_highway_stage_equals_plain_autograd_in_value_and_gradients(thread
         assert ref_p[name].abs().sum() > 0, name
 
 
-def test_fused_highway_stage_passes_gradcheck():
-    stage, lead, branches = _stage_case(blocks=2, dim=4, rank=1, shape=(1, 2, 3))
+@pytest.mark.parametrize("dim", [4, 16])  # z and y recomputed; kept
+def test_fused_highway_stage_passes_gradcheck(dim):
+    stage, lead, branches = _stage_case(blocks=2, dim=dim, rank=1, shape=(1, 2, 3))
     names = [n for n, _ in stage.named_parameters()]
     params = [p.detach().clone().requires_grad_(True) for p in stage.parameters()]
 
