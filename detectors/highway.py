@@ -13,8 +13,9 @@ activation is kept for backward and no backbone weight receives a gradient.
 
 D and U are "dual low-rank": W = s_1 t_1 + s_2 t_2 with rank-``rank`` factors, which is one
 product of the concatenated factors [s_1 s_2] [t_1; t_2]. It is applied as x -> x t^T -> (.) s^T,
-never forming W, inside one autograd function per stage that saves only the adapters' inputs and
-recomputes the hidden layers and their GELU in backward.
+never forming W, inside one autograd function per stage that saves the adapters' inputs (and,
+where they are narrow beside them, the rank-2r products) and recomputes the hidden layers and
+their GELU in backward.
 """
 from __future__ import annotations
 
