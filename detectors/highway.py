@@ -69,6 +69,7 @@ class _HighwayStageFn(torch.autograd.Function):
         inputs, params = _split_stage_args(tensors)
         rows = lead.numel() // lead.shape[-1]
         keep = ctx.keep = _keeps_z_and_y(lead.shape[-1], params[0].shape[0])
+        ctx.count = len(inputs)
         ys, zs = [], []
         for x, (down_t, down_s, down_bias, up_t, _, _) in zip(inputs, _per_adapter(params)):
             z, pre = _adapter_hidden(x.reshape(rows, -1), down_t, down_s, down_bias)
@@ -88,9 +89,8 @@ class _HighwayStageFn(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
-        saved = ctx.saved_tensors
-        count = (len(saved) - 1) // 8 if ctx.keep else len(saved) // 7
-        inputs, params, kept = saved[:count], saved[count:7 * count], saved[7 * count:]
+        saved, count = ctx.saved_tensors, ctx.count
+        inputs, params, kept = saved[:count], saved[count:7 * count], saved[7 * count:]  # kept: z_1 .. z_K, y
         g_out = grad_out.reshape(-1, grad_out.shape[-1])
         rank2 = params[0].shape[0]
         g_y = g_out @ torch.cat(params[4::6], dim=1)     # (rows, K * 2r): every adapter's dL/dy
