@@ -65,7 +65,7 @@ class _HighwayStageFn(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, lead, base, *tensors):
+    def forward(ctx, lead, *tensors):
         inputs, params = _split_stage_args(tensors)
         rows = lead.numel() // lead.shape[-1]
         keep = ctx.keep = _keeps_z_and_y(lead.shape[-1], params[0].shape[0])
@@ -78,11 +78,7 @@ class _HighwayStageFn(torch.autograd.Function):
             ys.append(torch.ops.aten.gelu_(pre) @ up_t.T)  # pre is not needed again in forward
             del z, pre  # freed before the next adapter allocates its own, so the allocator reuses them
         y = torch.cat([*ys, ys[0].new_ones(rows, 1)], dim=1)
-        if base is None:
-            out = torch.addmm(lead.reshape(rows, -1), y, _up_matrix(params).T)
-        else:  # base + lead in one pass, then the up projections accumulate into it in place
-            out = torch.add(base, lead).view(rows, -1)
-            out.addmm_(y.to(out.dtype), _up_matrix(params).T)  # in place: autocast leaves it to us
+        out = torch.addmm(lead.reshape(rows, -1), y, _up_matrix(params).T)
         ctx.save_for_backward(*inputs, *params, *((*zs, y) if keep else ()))
         return out.view(lead.shape)
 
@@ -118,8 +114,8 @@ class _HighwayStageFn(torch.autograd.Function):
         for k, g in enumerate(grads):
             g += [g_up[:, k * rank2:(k + 1) * rank2], g_up[:, -1]]
         flat = [g for adapter in grads for g in adapter]
-        # base and the x_k come from the frozen backbone under no_grad: they never need a gradient.
-        return (grad_out, None, *([None] * len(inputs)), *(g.to(p.dtype) for g, p in zip(flat, params)))
+        # The x_k come from the frozen backbone under no_grad: they never need a gradient.
+        return (grad_out, *([None] * len(inputs)), *(g.to(p.dtype) for g, p in zip(flat, params)))
 
 
 def _keeps_z_and_y(channels: int, rank2: int) -> bool:
@@ -242,14 +238,10 @@ class HighwayBlock(nn.Module):
         return highway_stage(d, [(self, a, m)])
 
 
-def highway_stage(lead: torch.Tensor, steps, base: torch.Tensor | None = None) -> torch.Tensor:
-    """The lead after a stage's blocks: lead + sum over (block, a, m) of U1(GELU(D1(a))) + U2(GELU(D2(m))).
-
-    With ``base`` (a tensor that needs no gradient, e.g. the backbone's lane) the result is
-    base + that lead, formed without a separate addition.
-    """
+def highway_stage(lead: torch.Tensor, steps) -> torch.Tensor:
+    """The lead after a stage's blocks: lead + sum over (block, a, m) of U1(GELU(D1(a))) + U2(GELU(D2(m)))."""
     inputs = [x for _, a, m in steps for x in (a, m)]
-    return _HighwayStageFn.apply(lead, base, *inputs, *(p for block, _, _ in steps for p in block.factors()))
+    return _HighwayStageFn.apply(lead, *inputs, *(p for block, _, _ in steps for p in block.factors()))
 
 
 class HighwayBackbone(nn.Module):
@@ -288,6 +280,6 @@ class HighwayBackbone(nn.Module):
                     m = block.mlp_branch(lane)
                     lane = lane + m
                 steps.append((adapter, a, m))
-            highway = highway_stage(lead, steps, base=lane)
+            highway = lane + highway_stage(lead, steps)
             outputs.append(highway)
         return self.backbone.finish(outputs)
