@@ -28,9 +28,11 @@ from detectors.backbones.swin import SwinBackbone
 INITS = ("kaiming", "zero_up")
 
 
-def _adapter_hidden(x: torch.Tensor, down_t, down_s, down_bias) -> tuple[torch.Tensor, torch.Tensor]:
-    """z = x t_d^T (rank 2r) and the pre-activation z s_d^T + b_d (C/2) of the down projection."""
-    z = x @ down_t.T
+def _adapter_hidden(x: torch.Tensor, down_t, down_s, down_bias, z: torch.Tensor | None = None):
+    """z = x t_d^T (rank 2r) and the pre-activation z s_d^T + b_d (C/2) of the down projection;
+    a given ``z`` (kept from forward) is used as is."""
+    if z is None:
+        z = x @ down_t.T
     return z, torch.addmm(down_bias, z, down_s.T)
 
 
@@ -93,11 +95,7 @@ class _HighwayStageFn(torch.autograd.Function):
         ys, grads = [], []
         for k, (x, (down_t, down_s, down_bias, up_t, _, _)) in enumerate(zip(inputs, _per_adapter(params))):
             x_rows = x.reshape(-1, x.shape[-1])
-            if ctx.keep:
-                z = kept[k]
-                pre = torch.addmm(down_bias, z, down_s.T)
-            else:
-                z, pre = _adapter_hidden(x_rows, down_t, down_s, down_bias)
+            z, pre = _adapter_hidden(x_rows, down_t, down_s, down_bias, kept[k] if ctx.keep else None)
             g_yk = g_y[:, k * rank2:(k + 1) * rank2]
             # Two (rows x C/2) buffers per adapter: dL/d(act) becomes dL/d(pre) in place, then
             # pre becomes act in place.
