@@ -1,11 +1,12 @@
 """Side-by-side training cost of tuning methods: parameters, saved activations, memory and time.
 
-Every method runs in this one process on the same inputs, and the timed steps are interleaved
-(method A, B, C, A, B, C, ...), so drifts of a shared machine hit all methods alike and the
-ratios between methods are what to read. A backbone step is: the tuned backbone with its pre-FPN output
-norms, a simple loss on the four outputs (their mean, weighted by fixed random probes: a linear
-stand-in for the neck whose own backward costs one multiply), backward, AdamW step. Where nothing in
-the backbone trains (FIXED) the step is the forward pass alone: that is all FIXED costs here, the
+Every method runs in this one process on the same inputs, and the timed steps are interleaved,
+the order rotating by one method each round (A B C, B C A, C A B, ...), so drifts of a shared
+machine hit all methods alike, no method always runs after the same one (whose freed memory and
+evicted caches it would inherit), and the ratios between methods are what to read. A backbone
+step is: the tuned backbone with its pre-FPN output norms, a simple loss on the four outputs
+(their mean, weighted by fixed random probes: a linear stand-in for the neck whose own backward
+costs one multiply), backward, AdamW step. Where nothing in the backbone trains (FIXED) the step is the forward pass alone: that is all FIXED costs here, the
 neck and heads that train in a detector being outside the backbone (the detector-level bench
 measures those). A detector step (``detector="mask_rcnn"``, ...) is that detector's whole
 training step, its losses on a fixed synthetic batch, with the neck and heads training for every
@@ -288,7 +289,7 @@ def measure_memory(method: str, size: tuple[int, int], batch: int, device: str =
 
 
 def benchmark(backbone: str = "swin_t", methods: tuple[str, ...] = ("full", "fixed", "e3va"),
-              size: tuple[int, int] = (512, 640), batch: int = 2, device: str = "cpu", repeats: int = 5,
+              size: tuple[int, int] = (512, 640), batch: int = 2, device: str = "cpu", repeats: int = 9,
               detector: str | None = None, engine: str = "torchvision", backbone_kwargs: dict | None = None,
               progress=None) -> list[BenchResult]:
     """Measure ``methods`` side by side; see the module docstring for what each figure means.
@@ -307,7 +308,7 @@ def benchmark(backbone: str = "swin_t", methods: tuple[str, ...] = ("full", "fix
         if progress:
             progress(f"{s.method}: measured memory")
     for r in range(repeats):
-        for s in subjects:
+        for s in subjects[r % len(subjects):] + subjects[:r % len(subjects)]:
             _sync(dev)
             start = time.perf_counter()
             s.step()
