@@ -6,9 +6,9 @@ machine hit all methods alike, no method always runs after the same one (whose f
 evicted caches it would inherit), and the ratios between methods are what to read. A backbone
 step is: the tuned backbone with its pre-FPN output norms, a simple loss on the four outputs
 (their mean, weighted by fixed random probes: a linear stand-in for the neck whose own backward
-costs one multiply), backward, AdamW step. Where nothing in the backbone trains (FIXED) the step is the forward pass alone: that is all FIXED costs here, the
-neck and heads that train in a detector being outside the backbone (the detector-level bench
-measures those). A detector step (``detector="mask_rcnn"``, ...) is that detector's whole
+costs one multiply), backward, AdamW step. Where nothing in the backbone trains (FIXED) the step
+is the forward pass alone: that is all FIXED costs here, the neck and heads that train in a
+detector being outside the backbone (the detector-level bench measures those). A detector step (``detector="mask_rcnn"``, ...) is that detector's whole
 training step, its losses on a fixed synthetic batch, with the neck and heads training for every
 method: the papers' memory column.
 
