@@ -8,9 +8,9 @@ step is: the tuned backbone with its pre-FPN output norms, a simple loss on the 
 (their mean, weighted by fixed random probes: a linear stand-in for the neck whose own backward
 costs one multiply), backward, AdamW step. Where nothing in the backbone trains (FIXED) the step
 is the forward pass alone: that is all FIXED costs here, the neck and heads that train in a
-detector being outside the backbone (the detector-level bench measures those). A detector step (``detector="mask_rcnn"``, ...) is that detector's whole
-training step, its losses on a fixed synthetic batch, with the neck and heads training for every
-method: the papers' memory column.
+detector being outside the backbone (the detector-level bench measures those). A detector step
+(``detector="mask_rcnn"``, ...) is that detector's whole training step, its losses on a fixed
+synthetic batch, with the neck and heads training for every method: the papers' memory column.
 
 Figures per method:
 - ``trainable``: trainable parameters in the backbone (adapters, highway and norms included);
