@@ -53,7 +53,8 @@ def _rows_t_mm(a: torch.Tensor, b: torch.Tensor, parts: int | None = None) -> to
 
 
 class _HighwayStageFn(torch.autograd.Function):
-    """lead + sum_k U_k(GELU(D_k(x_k))) over all adapters of one stage (x = a_1, m_1, a_2, m_2, ...).
+    """lead + sum_k U_k(GELU(D_k(x_k))) over all adapters of one stage (x = a_1, m_1, a_2, m_2, ...);
+    given the lanes, (lead - lane_start) + sum_k ... + lane_end, formed in one buffer.
 
     Within a stage the lead only accumulates adapter outputs, so every adapter sees the same
     incoming gradient G, and the gradient w.r.t. the lead is G itself. The work is thin matmuls
@@ -67,7 +68,7 @@ class _HighwayStageFn(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, lead, *tensors):
+    def forward(ctx, lead, lane_start, lane_end, *tensors):
         inputs, params = _split_stage_args(tensors)
         rows = lead.numel() // lead.shape[-1]
         keep = ctx.keep = _keeps_z_and_y(lead.shape[-1], params[0].shape[0])
@@ -80,7 +81,11 @@ class _HighwayStageFn(torch.autograd.Function):
             ys.append(torch.ops.aten.gelu_(pre) @ up_t.T)  # pre is not needed again in forward
             del z, pre  # freed before the next adapter allocates its own, so the allocator reuses them
         y = torch.cat([*ys, ys[0].new_ones(rows, 1)], dim=1)
-        out = torch.addmm(lead.reshape(rows, -1), y, _up_matrix(params).T)
+        if lane_start is None:
+            out = torch.addmm(lead.reshape(rows, -1), y, _up_matrix(params).T)
+        else:  # in place on one fresh buffer: the same sums, in the same order, as three tensors
+            out = (lead - lane_start).view(rows, -1).addmm_(y, _up_matrix(params).T)
+            out.add_(lane_end.reshape(rows, -1))
         ctx.save_for_backward(*inputs, *params, *((*zs, y) if keep else ()))
         return out.view(lead.shape)
 
@@ -113,7 +118,7 @@ class _HighwayStageFn(torch.autograd.Function):
             g += [g_up[:, k * rank2:(k + 1) * rank2], g_up[:, -1]]
         flat = [g for adapter in grads for g in adapter]
         # The x_k come from the frozen backbone under no_grad: they never need a gradient.
-        return (grad_out, *([None] * len(inputs)), *(g.to(p.dtype) for g, p in zip(flat, params)))
+        return (grad_out, None, None, *([None] * len(inputs)), *(g.to(p.dtype) for g, p in zip(flat, params)))
 
 
 def _keeps_z_and_y(channels: int, rank2: int) -> bool:
@@ -236,10 +241,17 @@ class HighwayBlock(nn.Module):
         return highway_stage(d, [(self, a, m)])
 
 
-def highway_stage(lead: torch.Tensor, steps) -> torch.Tensor:
-    """The lead after a stage's blocks: lead + sum over (block, a, m) of U1(GELU(D1(a))) + U2(GELU(D2(m)))."""
+def highway_stage(lead: torch.Tensor, steps, lanes: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The lead after a stage's blocks: lead + sum over (block, a, m) of U1(GELU(D1(a))) + U2(GELU(D2(m))).
+
+    With ``lanes`` = (l_start, l_end), the backbone's frozen features before and after the stage,
+    ``lead`` is the highway e_start and the result is e_end = (e_start - l_start) + sum ... + l_end:
+    the skips a + m sum to l_end - l_start, so only the adapters are added.
+    """
+    lane_start, lane_end = lanes if lanes is not None else (None, None)
     inputs = [x for _, a, m in steps for x in (a, m)]
-    return _HighwayStageFn.apply(lead, *inputs, *(p for block, _, _ in steps for p in block.factors()))
+    return _HighwayStageFn.apply(lead, lane_start, lane_end, *inputs,
+                                 *(p for block, _, _ in steps for p in block.factors()))
 
 
 class HighwayBackbone(nn.Module):
@@ -256,10 +268,11 @@ class HighwayBackbone(nn.Module):
         self.size_divisibility = backbone.size_divisibility
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        # The highway is carried as its lead over the backbone, d = e - l: the skips a + m then
-        # cancel, each block only adds its two adapter outputs, and e = l + d is formed where it is
-        # used (stage outputs and patch merging). The frozen blocks of a stage run first; their
-        # branch outputs (which backward keeps anyway) then go through the stage's highway at once.
+        # Within a stage the highway is its lead over the backbone, d = e - l: the skips a + m
+        # cancel, each block only adds its two adapter outputs, and e = l + d is formed at the
+        # stage's end (stage outputs and patch merging). The frozen blocks of a stage run first;
+        # their branch outputs (which backward keeps anyway) then go through the stage's highway
+        # at once.
         with torch.no_grad():
             lane = self.backbone.embed(images)
         highway = lane  # e_0 = l_0
@@ -269,8 +282,7 @@ class HighwayBackbone(nn.Module):
                 with torch.no_grad():
                     lane = stage.downsample(lane)
                 highway = merge_frozen(stage.downsample, highway)  # the gradient passes, weights stay
-            lead = highway - lane
-            steps = []
+            lane_start, steps = lane, []
             for block, adapter in zip(stage.blocks, adapters):
                 with torch.no_grad():
                     a = block.attention_branch(lane).contiguous()  # cropped from the padded map
@@ -278,6 +290,6 @@ class HighwayBackbone(nn.Module):
                     m = block.mlp_branch(lane)
                     lane = lane + m
                 steps.append((adapter, a, m))
-            highway = lane + highway_stage(lead, steps)
+            highway = highway_stage(highway, steps, lanes=(lane_start, lane))
             outputs.append(highway)
         return self.backbone.finish(outputs)

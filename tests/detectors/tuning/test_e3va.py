@@ -264,26 +264,33 @@ def _stage_case(blocks: int = 3, dim: int = 8, rank: int = 2, shape=(2, 3, 4), s
     return stage, lead, branches
 
 
-@pytest.mark.parametrize("threads, dim", [(1, 8), (3, 8), (3, 32)])
-def test_fused_highway_stage_equals_plain_autograd_in_value_and_gradients(threads, dim, monkeypatch):
+def _lanes(lead: torch.Tensor, branches) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen features before and after a stage whose branch outputs are ``branches``."""
+    start = torch.randn_like(lead).detach()
+    return start, start + sum(a + m for a, m in branches)
+
+
+@pytest.mark.parametrize("threads, dim, with_lanes", [(1, 8, False), (3, 8, False), (3, 32, False), (3, 32, True)])
+def test_fused_highway_stage_equals_plain_autograd_in_value_and_gradients(threads, dim, with_lanes, monkeypatch):
     """Several blocks through one stage function; 3 "threads" and 2 x 32 x 48 rows take the
     row-split weight gradients, 1 the plain ones. At dim 8 backward recomputes z and y, at dim 32
-    it keeps them."""
+    it keeps them. With the lanes given, the lead is the highway itself and the result e_end."""
     assert _keeps_z_and_y(dim, 2 * 2) == (dim == 32)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     stage, lead, branches = _stage_case(dim=dim, shape=(2, 32, 48))
+    lanes = _lanes(lead, branches) if with_lanes else None
 
     def plain():
         out = lead
         for block, (a, m) in zip(stage, branches):
-            out = out + block.attn(a) + block.mlp(m)
+            out = out + (a + block.attn(a)) + (m + block.mlp(m)) if lanes else out + block.attn(a) + block.mlp(m)
         return out
 
     def fused():
-        return highway_stage(lead, [(b, a, m) for b, (a, m) in zip(stage, branches)])
+        return highway_stage(lead, [(b, a, m) for b, (a, m) in zip(stage, branches)], lanes)
 
     (fused, fused_lead, fused_p), (ref, ref_lead, ref_p) = _outputs_and_gradients(stage, lead, [fused, plain])
-    torch.testing.assert_close(fused, ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(fused, ref, atol=1e-11, rtol=1e-12)
     torch.testing.assert_close(fused_lead, ref_lead, atol=1e-12, rtol=1e-12)
     assert fused_p.keys() == ref_p.keys() and len(ref_p) == 3 * 12
     for name in ref_p:
@@ -291,9 +298,10 @@ def test_fused_highway_stage_equals_plain_autograd_in_value_and_gradients(thread
         assert ref_p[name].abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("dim", [4, 16])  # z and y recomputed; kept
-def test_fused_highway_stage_passes_gradcheck(dim):
+@pytest.mark.parametrize("dim, with_lanes", [(4, False), (16, False), (16, True)])  # z and y recomputed; kept
+def test_fused_highway_stage_passes_gradcheck(dim, with_lanes):
     stage, lead, branches = _stage_case(blocks=2, dim=dim, rank=1, shape=(1, 2, 3))
+    lanes = _lanes(lead, branches) if with_lanes else None
     names = [n for n, _ in stage.named_parameters()]
     params = [p.detach().clone().requires_grad_(True) for p in stage.parameters()]
 
@@ -303,7 +311,7 @@ def test_fused_highway_stage_passes_gradcheck(dim):
         for i, (block, (a, m)) in enumerate(zip(stage, branches)):
             own = {n.split(".", 1)[1]: t for n, t in tensors.items() if n.startswith(f"{i}.")}
             steps.append((_Factors(own), a, m))
-        return highway_stage(lead, steps)
+        return highway_stage(lead, steps, lanes)
 
     assert torch.autograd.gradcheck(run, (lead, *params))
 
