@@ -81,10 +81,12 @@ class _HighwayStageFn(torch.autograd.Function):
             ys.append(torch.ops.aten.gelu_(pre) @ up_t.T)  # pre is not needed again in forward
             del z, pre  # freed before the next adapter allocates its own, so the allocator reuses them
         y = torch.cat([*ys, ys[0].new_ones(rows, 1)], dim=1)
+        up = _up_matrix(params).T
         if lane_start is None:
-            out = torch.addmm(lead.reshape(rows, -1), y, _up_matrix(params).T)
+            out = torch.addmm(lead.reshape(rows, -1), y, up)
         else:  # in place on one fresh buffer: the same sums, in the same order, as three tensors
-            out = (lead - lane_start).view(rows, -1).addmm_(y, _up_matrix(params).T)
+            out = (lead - lane_start).view(rows, -1)
+            out.addmm_(y.to(out.dtype), up.to(out.dtype))  # in-place ops escape autocast's casts
             out.add_(lane_end.reshape(rows, -1))
         ctx.save_for_backward(*inputs, *params, *((*zs, y) if keep else ()))
         return out.view(lead.shape)

@@ -379,3 +379,15 @@ def test_dual_low_rank_adapter_is_a_sum_of_two_rank_r_products():
         torch.testing.assert_close(adapter(x), expected + adapter.up_bias, atol=1e-5, rtol=1e-5)
     zero = DualLowRankAdapter(dim=32, rank=3, init="zero_up")
     assert torch.count_nonzero(zero.up_s) == 0 and torch.count_nonzero(zero.down_t) > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="mixed precision training runs on CUDA")
+def test_highway_trains_under_cuda_autocast():
+    """The trainer's default on a GPU: every highway parameter gets a finite gradient."""
+    model = _e3va().cuda()
+    images = torch.rand(2, 3, 96, 160, device="cuda")
+    with torch.autocast("cuda"):
+        loss = sum(f.float().square().mean() for f in model(images).values())
+    loss.backward()
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in trained)
