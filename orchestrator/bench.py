@@ -59,7 +59,8 @@ def run_bench(backbone: str, methods: list[str], size: tuple[int, int], batch: i
              ratio(to_fixed, r.method, "train_bytes"), ratio(to_fixed, r.method, "peak_bytes"),
              ratio(to_fixed, r.method, "step_s")] for r in results]
     what = f"{engine} {detector} on {backbone}" if detector else backbone
-    print(f"{what}, batch {batch} x {size[0]}x{size[1]}, {device}, median of {repeats} interleaved steps (rotating order)")
+    print(f"{what}, batch {batch} x {size[0]}x{size[1]}, {device}, "
+          f"median of {repeats} interleaved steps (rotating order)")
     print(tabulate(rows, headers=["method", "trainable M", "saved MiB", "train MiB", "peak MiB", "s/step",
                                   "saved/full", "train/full", "peak/full", "time/full",
                                   "train/fixed", "peak/fixed", "time/fixed"],
