@@ -197,8 +197,9 @@ def _train(cfg: ExperimentConfig, hooks: _Hooks, tracking_uri: str | None, run_i
     check_num_classes(train_set, train_set.num_classes)
     identity = run_identity(cfg, detector)
     model = hooks.wrap(detector)
+    # fused: one kernel over all parameters (CPU and CUDA), where the default runs ~10 ops per tensor
     optimizer = torch.optim.AdamW([p for p in detector.parameters() if p.requires_grad],
-                                  lr=cfg.schedule.lr, weight_decay=cfg.schedule.weight_decay)
+                                  lr=cfg.schedule.lr, weight_decay=cfg.schedule.weight_decay, fused=True)
     batch_sizes = hooks.gather(worker_batch_size(cfg, rank, device, hooks.node_resources()))
     sampler = ProportionalBatchSampler(len(train_set), batch_sizes, rank, seed=cfg.seed)
     loss_weight = rank_loss_weight(batch_sizes, rank)

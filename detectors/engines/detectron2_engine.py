@@ -160,7 +160,7 @@ def build_optimizer(cfg: CN, model: nn.Module) -> torch.optim.Optimizer:
         weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
         overrides={key: {"weight_decay": 0.0} for key in NO_WEIGHT_DECAY})
     optimizer = torch.optim.AdamW(params, lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.SWIN_TUNED.BETAS),
-                                  weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+                                  weight_decay=cfg.SOLVER.WEIGHT_DECAY, fused=True)
     return maybe_add_gradient_clipping(cfg, optimizer)
 
 
