@@ -120,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--size", type=parse_size, default=(512, 640), help="HEIGHTxWIDTH (default 512x640)")
     bench.add_argument("--batch", type=int, default=2)
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    bench.add_argument("--repeats", type=int, default=9,
-                       help="timed steps per method, interleaved in rotating order (default 9)")
+    bench.add_argument("--repeats", type=int, default=18,
+                       help="timed steps per method, interleaved in rotating order (default 18)")
     bench.add_argument("--detector", default=None,
                        help="measure a whole detector training step: mask_rcnn, faster_rcnn, retinanet "
                             "(torchvision) or cascade_mask_rcnn (detectron2); default: the backbone alone")
