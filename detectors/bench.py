@@ -297,7 +297,7 @@ def benchmark(backbone: str = "swin_t", methods: tuple[str, ...] = ("full", "fix
     Without ``detector`` a step is the backbone and a probe loss; with one (``mask_rcnn``, ...)
     it is that detector's full training step on a fixed synthetic batch.
 
-    18 repeats are three full rotations of the six methods the papers compare, so each of them
+    18 repeats are whole rotations of both the CLI's six methods and the three here, so each method
     runs in every position equally often. Fewer are too noisy on a shared machine: in one 45-round
     run on a 2-core VM, E3VA/FIXED medians over 9 consecutive rounds ranged 1.18-1.29, over 15
     rounds 1.20-1.25 (1.22 over all 45).
