@@ -72,13 +72,33 @@ def predict_for_eval(detector, images: Sequence[torch.Tensor], targets: Sequence
     return outputs
 
 
-def evaluate(detector, dataset: CocoDetection, device: torch.device | str = "cpu", batch_size: int = 2,
-             indices: Iterable[int] | None = None) -> dict[str, float]:
-    """COCO box (and mask) AP of ``detector`` on ``dataset`` (or the ``indices`` of it)."""
+def evaluation_shard(num_images: int, rank: int, world: int) -> range:
+    """The validation images rank ``rank`` of ``world`` predicts: every ``world``-th one, so the shards
+    are disjoint, cover the split and differ by at most one image."""
+    return range(rank, num_images, world)
+
+
+def predict_dataset(detector, dataset: CocoDetection, device: torch.device | str = "cpu", batch_size: int = 2,
+                    indices: Iterable[int] | None = None) -> CocoEvaluator:
+    """An evaluator holding ``detector``'s predictions on ``dataset`` (or the ``indices`` of it)."""
     subset = dataset if indices is None else torch.utils.data.Subset(dataset, list(indices))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=collate_fn)
     evaluator = CocoEvaluator(dataset.coco, dataset.label_to_cat_id)
     for images, targets in loader:
         images = [image.to(device) for image in images]
         evaluator.update(predict_for_eval(detector, images, targets))
+    return evaluator
+
+
+def evaluate(detector, dataset: CocoDetection, device: torch.device | str = "cpu", batch_size: int = 2,
+             indices: Iterable[int] | None = None) -> dict[str, float]:
+    """COCO box (and mask) AP of ``detector`` on ``dataset`` (or the ``indices`` of it)."""
+    return predict_dataset(detector, dataset, device, batch_size, indices).evaluate()
+
+
+def evaluate_shards(dataset: CocoDetection, states: Sequence[dict]) -> dict[str, float]:
+    """COCO AP over the predictions of every shard (``CocoEvaluator.get_state()`` of each rank), once."""
+    evaluator = CocoEvaluator(dataset.coco, dataset.label_to_cat_id)
+    for state in states:
+        evaluator.merge_state(state)
     return evaluator.evaluate()

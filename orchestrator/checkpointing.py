@@ -2,9 +2,11 @@
 
 A checkpoint directory holds ``trainable.safetensors`` (trainable parameters by name, and the
 optimizer's tensors under ``optimizer/<index>/<key>``) and ``state.json`` (step, scheduler and
-optimizer hyperparameters, and the identity of the frozen backbone: name, method,
-hyperparameters and a SHA-256 fingerprint of its frozen weights). Directories are written
-atomically: to a temporary sibling, then renamed.
+optimizer hyperparameters, the identity of the frozen backbone: name, method,
+hyperparameters and a SHA-256 fingerprint of its frozen weights, and the size of the weights file).
+Directories are written atomically: to a temporary sibling, then renamed. Ray Train then copies
+them to the run's storage, file by file: a checkpoint whose weights do not have the size its
+``state.json`` records was not copied whole and is never resumed from.
 """
 from __future__ import annotations
 
@@ -49,7 +51,8 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
                 tensors[f"optimizer/{index}/{key}"] = value.detach().cpu().contiguous()
     save_file(tensors, str(staging / WEIGHTS))
     (staging / STATE).write_text(json.dumps({
-        "step": step, "identity": identity, "scheduler": scheduler.state_dict(),
+        "step": step, "identity": identity, "weights_bytes": (staging / WEIGHTS).stat().st_size,
+        "scheduler": scheduler.state_dict(),
         "optimizer_param_groups": optimizer_state["param_groups"]}, indent=2, default=str))
     if directory.exists():
         shutil.rmtree(directory)
@@ -57,7 +60,27 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     return directory
 
 
-def check_identity(directory: Path, identity: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+def newest_checkpoint(storage, folder: str) -> tuple[str, dict[str, Any]] | None:
+    """``(path, state)`` of the complete checkpoint with the highest step below ``folder`` of ``storage``
+    (an :class:`orchestrator.storage.Storage`), whatever filesystem it is on; None if there is none."""
+    files = storage.files(folder)
+    best: tuple[str, dict[str, Any]] | None = None
+    for path in files:
+        if not path.endswith(f"/{STATE}"):
+            continue
+        directory = path.rsplit("/", 1)[0]
+        weights = files.get(f"{directory}/{WEIGHTS}")
+        state = storage.read_json(path) if weights is not None else None
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            continue
+        if state.get("weights_bytes", weights) != weights:  # the copy of the weights was cut short
+            continue
+        if best is None or state["step"] > best[1]["step"]:
+            best = (directory, state)
+    return best
+
+
+def check_identity(directory: Path | str, identity: dict[str, Any], state: dict[str, Any] | None = None) -> None:
     """Refuse a checkpoint made for another backbone, method, detector or pre-trained weights.
 
     Only the keys ``identity`` has are compared: the driver checks what the experiment names

@@ -41,7 +41,8 @@ class DataConfig(_Strict):
     test_short_edge: int = SWIN_TEST_SHORT_EDGE
     max_size: int = SWIN_MAX_SIZE
     flip: float = Field(0.5, ge=0, le=1)
-    loader_workers: int = Field(0, ge=0)
+    loader_workers: int | None = Field(None, ge=0, description="data-loading processes per worker; default: "
+                                                          "the worker's CPUs less the one that trains")
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
@@ -114,6 +115,8 @@ class ScalingConfig(_Strict):
     gpus_per_worker: float = Field(1, gt=0)
     gpu_kind: str | None = Field(None, description="run only on nodes labelled with this GPU kind (gpu_<kind>)")
     resources: dict[str, float] = Field({}, description="custom Ray resources each worker needs, e.g. {fast_disk: 1}")
+    max_failures: int = Field(3, ge=0, description="worker-group restarts (from the newest checkpoint) before "
+                                                   "the run fails")
     check_cluster: bool = Field(True, description="refuse to start when the cluster can never hold the workers "
                                                   "(turn off on an autoscaling cluster that starts nodes on demand)")
 
@@ -133,6 +136,25 @@ class TrackingConfig(_Strict):
     experiment: str = "e3va-detection"
 
 
+class StorageConfig(_Strict):
+    """Where Ray Train keeps the run's state and checkpoints (and a sweep its Tune state)."""
+    path: str | None = Field(None, description="a local folder, a folder every node mounts, or a URI "
+                                               "(s3://bucket/prefix, gs://...); default: <output_dir>/<name>/ray")
+    shared: bool = Field(False, description="the local path is a mount every node shares (NFS, EFS)")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
+    region: str | None = Field(None, description="S3 region (default: $AWS_REGION)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_path(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, (str, Path)) else value
+
+    def open(self, default: Path, *, probe: bool = False):
+        from orchestrator.storage import open_storage
+        return open_storage(self.path or str(default), shared=self.shared, endpoint_url=self.endpoint_url,
+                            region=self.region, probe=probe)
+
+
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     data: DataConfig
@@ -144,6 +166,7 @@ class ExperimentConfig(_Strict):
     checkpoint: PeriodConfig = PeriodConfig()
     scaling: ScalingConfig = ScalingConfig()
     tracking: TrackingConfig = TrackingConfig()
+    storage: StorageConfig = StorageConfig()
     output_dir: Path = Path("outputs")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -179,6 +202,14 @@ class ExperimentConfig(_Strict):
     @property
     def run_dir(self) -> Path:
         return self.output_dir / self.name
+
+    def ray_storage(self, *, probe: bool = False):
+        """Ray Train's ``storage_path``: the run's state lives in ``<it>/<name>``."""
+        return self.storage.open(self.run_dir / "ray", probe=probe)
+
+    def run_storage(self):
+        """This run's own folder in its storage: checkpoints, and what a re-run continues from."""
+        return self.ray_storage().child(self.name)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """``python -m orchestrator run EXP.yaml``: one training run through a Ray Train ``TorchTrainer``.
 
 Everything a user can get wrong is checked before the MLflow run is created and before any
-worker starts. The run then resumes from its newest checkpoint when a worker dies
-(``FailureConfig``) and when the whole command is run again with the same name and output dir.
+worker starts, the run's storage among it: it must answer, and every node a worker may land on must
+reach it. The run then resumes from its newest complete checkpoint in that storage when a worker
+dies (``FailureConfig``) and when the whole command is run again with the same name and storage.
 """
 from __future__ import annotations
 
@@ -21,9 +22,14 @@ from detectors.data import CocoDetection
 from detectors.engines import ENGINES
 from detectors.errors import UserInputError
 from detectors.params import count_parameters
-from orchestrator.checkpointing import STATE, WEIGHTS, check_identity
+from orchestrator.checkpointing import STATE, WEIGHTS, check_identity, newest_checkpoint
 from orchestrator.config import ExperimentConfig, check_inputs_exist
-from orchestrator.tracking import default_uri, experiment_id, open_client, warn_unreachable
+from orchestrator.storage import Storage
+from orchestrator.tracking import default_uri, experiment_id, metrics_callback, open_client, warn_unreachable
+
+
+class RunFailedError(RuntimeError):
+    """Training failed for a reason that is not the user's input; its message is one line."""
 from orchestrator.train_loop import config_identity, dataset_paths, train_loop_per_worker
 
 
@@ -34,9 +40,11 @@ def preflight(cfg: ExperimentConfig) -> None:
                              f"choose one of {', '.join(SWIN_SPECS)}")
     ENGINES.get(cfg.model.engine).check(cfg.model.engine, cfg.model.detector)
     check_inputs_exist(cfg)
-    resume = newest_checkpoint(cfg.run_dir.resolve() / "ray")
+    storage = cfg.ray_storage(probe=True)
+    storage.check()
+    resume = newest_checkpoint(storage, storage.path(cfg.name))
     if resume is not None:
-        check_identity(resume, config_identity(cfg))
+        check_identity(resume[0], config_identity(cfg), resume[1])
     if cfg.backbone.weights is not None:
         with torch.device("meta"):
             model = build_swin(cfg.backbone.name, **cfg.backbone.overrides)
@@ -62,15 +70,20 @@ def check_cluster(cfg: ExperimentConfig, nodes: list[dict]) -> None:
                              f"if it starts nodes on demand")
 
 
-def newest_checkpoint(storage: Path) -> Path | None:
-    """The checkpoint with the highest step among those Ray persisted for this run."""
-    best, best_step = None, -1
-    for state in storage.glob(f"**/{STATE}"):
-        if (state.parent / WEIGHTS).is_file():
-            step = json.loads(state.read_text()).get("step", -1)
-            if step > best_step:
-                best, best_step = state.parent, step
-    return best
+def check_storage_reach(storage: Storage, nodes: list[dict], need: dict[str, float], driver_node: str, *,
+                        fixed_cluster: bool = True) -> None:
+    """A node-local storage path is refused when a worker may land on a node other than this one:
+    Ray Train's checkpoints (and everything a re-run reads) would stay on that node's disk."""
+    if storage.shared:
+        return
+    others = [node for node in nodes if node.get("Alive", True) and node.get("NodeID") != driver_node
+              and all(node.get("Resources", {}).get(name, 0) > 0 for name in need)]
+    if others or not fixed_cluster:
+        where = f"{len(others)} other node{'s' * (len(others) != 1)}" if fixed_cluster else "nodes started on demand"
+        raise UserInputError(
+            f"{storage.field}: {storage.uri} is on this node's disk, but the workers may land on {where} that "
+            f"cannot see it; set {storage.field} to an s3:// or gs:// URI, or to a folder every node mounts "
+            f"and {storage.field}.shared=true")
 
 
 def _params(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -87,6 +100,13 @@ def _params(cfg: ExperimentConfig) -> dict[str, Any]:
 MLFLOW_RUN_FILE = "mlflow_run_id"
 
 
+def remembered_run_id(cfg: ExperimentConfig) -> str | None:
+    """The MLflow run this training run logged to before, kept in its storage for any re-run."""
+    storage = cfg.run_storage()
+    text = storage.read_text(storage.path(MLFLOW_RUN_FILE))
+    return text.strip() if text else None
+
+
 def start_mlflow_run(cfg: ExperimentConfig, uri: str, *, parent_run_id: str | None = None,
                      extra_params: dict[str, Any] | None = None) -> tuple[Any, str | None]:
     """The MLflow run of this training run: the one it had before when it resumes, else a new one.
@@ -96,10 +116,10 @@ def start_mlflow_run(cfg: ExperimentConfig, uri: str, *, parent_run_id: str | No
     client, answers = open_client(uri)
     if not answers:
         return client, None
-    remembered = cfg.run_dir / MLFLOW_RUN_FILE
+    storage = cfg.run_storage()
     try:
-        if remembered.is_file() and newest_checkpoint(cfg.run_dir / "ray") is not None:
-            run_id = remembered.read_text().strip()
+        run_id = remembered_run_id(cfg)
+        if run_id is not None and newest_checkpoint(storage, storage.root) is not None:
             status = client.get_run(run_id).info.status
             if status == "FINISHED":
                 raise UserInputError(f"{cfg.run_dir} already holds the finished run {run_id}; "
@@ -111,7 +131,7 @@ def start_mlflow_run(cfg: ExperimentConfig, uri: str, *, parent_run_id: str | No
         run = client.create_run(experiment_id(client, cfg.tracking.experiment, uri), run_name=cfg.name, tags=tags)
         for key, value in {**_params(cfg), **(extra_params or {})}.items():
             client.log_param(run.info.run_id, key, value)
-        remembered.write_text(run.info.run_id)
+        storage.write_text(storage.path(MLFLOW_RUN_FILE), run.info.run_id)
         return client, run.info.run_id
     except UserInputError:
         raise
@@ -121,25 +141,26 @@ def start_mlflow_run(cfg: ExperimentConfig, uri: str, *, parent_run_id: str | No
 
 
 def build_trainer(cfg: ExperimentConfig, uri: str | None, run_id: str | None, *, fail_at_step: int | None = None,
-                  callbacks: Sequence[Any] = ()):
+                  callbacks: Sequence[Any] = (), logged_through: int = 0):
     """The ``TorchTrainer`` of one run. Ray Train finds the run's checkpoints under the same name and
     storage path and hands the newest to the workers: a command run again continues the run."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    storage = cfg.run_dir.resolve() / "ray"
+    storage = cfg.ray_storage()
+    resume = newest_checkpoint(storage, storage.path(cfg.name))
     scaling = cfg.scaling
+    tracking = [metrics_callback(uri, run_id, logged_through)] if uri and run_id else []
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": json.loads(cfg.model_dump_json()), "tracking_uri": uri,
-                           "mlflow_run_id": run_id, "fail_at_step": fail_at_step,
+        train_loop_config={"experiment": json.loads(cfg.model_dump_json()), "fail_at_step": fail_at_step,
                            # for a run stopped before Ray recorded its newest checkpoint
-                           "resume_from": str(resume) if (resume := newest_checkpoint(storage)) else None},
+                           "resume_from": resume[0] if resume else None},
         scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=scaling.worker_resources()),
-        run_config=RunConfig(name=cfg.name, storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=3),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks)))
+        run_config=RunConfig(name=cfg.name, **storage.ray_kwargs(),
+                             failure_config=FailureConfig(max_failures=scaling.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=[*tracking, *callbacks]))
 
 
 def worker_user_error(exc: BaseException) -> UserInputError | None:
@@ -169,20 +190,25 @@ def run_experiment(cfg: ExperimentConfig, fail_at_step: int | None = None, *,
     if not ray.is_initialized():
         # Ray turns SIGTERM (``ray job stop``, a scheduler) into SystemExit: the run ends as KILLED.
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
+    nodes = ray.nodes()
     if cfg.scaling.check_cluster:
-        check_cluster(cfg, ray.nodes())
+        check_cluster(cfg, nodes)
+    check_storage_reach(cfg.ray_storage(), nodes, cfg.scaling.worker_resources(),
+                        ray.get_runtime_context().get_node_id(), fixed_cluster=cfg.scaling.check_cluster)
     uri = cfg.tracking.uri or default_uri(run_dir)
     client, run_id = start_mlflow_run(cfg, uri, parent_run_id=parent_run_id, extra_params=extra_params)
     status = "FAILED"
     try:
-        trainer = build_trainer(cfg, uri, run_id, fail_at_step=fail_at_step, callbacks=callbacks)
+        logged_through = _last_logged_step(client, run_id)
+        trainer = build_trainer(cfg, uri, run_id, fail_at_step=fail_at_step, callbacks=callbacks,
+                                logged_through=logged_through)
         try:
             result = trainer.fit()
         except Exception as exc:
             user_error = worker_user_error(exc)
             if user_error is not None:
                 raise user_error from None
-            raise
+            raise RunFailedError(f"training {cfg.name} failed: {_last_line(exc)}") from exc
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit):
         status = "KILLED"
@@ -199,6 +225,24 @@ def run_experiment(cfg: ExperimentConfig, fail_at_step: int | None = None, *,
             "checkpoint": result.checkpoint.path if result.checkpoint else None}
 
 
+def _last_logged_step(client, run_id: str | None) -> int:
+    """The highest step the MLflow run has metrics for: a resumed run logs only the steps after it."""
+    if run_id is None:
+        return 0
+    try:
+        return int(client.get_run(run_id).data.metrics.get("step", 0))
+    except Exception:  # noqa: BLE001 - tracking must never stop training
+        return 0
+
+
+def _last_line(exc: BaseException) -> str:
+    """The innermost cause's message, as one line."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:300]
+
+
 def _log_results(client, run_id: str, result, resolved: Path, run_dir: Path) -> None:
     client.log_artifact(run_id, str(resolved))
     evaluation = {k: v for k, v in (result.metrics or {}).items() if k.startswith("val/")}
@@ -211,4 +255,5 @@ def _log_results(client, run_id: str, result, resolved: Path, run_dir: Path) -> 
             client.log_artifact(run_id, str(Path(directory) / STATE), "checkpoint")
 
 
-__all__ = ["run_experiment", "build_trainer", "start_mlflow_run", "preflight", "newest_checkpoint"]
+__all__ = ["run_experiment", "build_trainer", "start_mlflow_run", "preflight", "check_storage_reach",
+           "remembered_run_id", "RunFailedError"]

@@ -11,7 +11,11 @@ base experiment and validated, and each trial's resources are compared with the 
 
 MLflow: one parent run for the sweep, one child run per trial (``mlflow.parentRunId``) with the
 trial's varied fields as params. Running the same sweep again restores it from its Tune state
-(``Tuner.restore``) and keeps the parent run, whose id lives in the sweep's output directory.
+(``Tuner.restore``) and keeps the parent run, whose id lives in the sweep's storage beside that
+state: the base experiment's ``storage`` (``<storage>/<sweep name>/tune``, the trials' Ray Train
+runs in ``.../trials``), or by default the sweep's output directory. The trials' own drivers only
+wait on their Train runs and log to MLflow; they run on the sweep driver's node, so a tracking
+store or output directory on that node's disk serves them on a cluster too.
 """
 from __future__ import annotations
 
@@ -34,11 +38,12 @@ from orchestrator.config import (ExperimentConfig, apply_overrides, describe_err
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 # Set per trial by the sweep itself.
-RESERVED = ("name", "output_dir", "tracking")
+RESERVED = ("name", "output_dir", "tracking", "storage")
 PARENT_RUN_FILE = "mlflow_parent_run_id"
 SWEEP_FILE = "sweep.json"
 # The trial's own driver (the function trainable) only waits on its Train run.
 TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 64 * 2**20}
+HEAD_NODE = "node:__internal_head__"  # Ray's resource of the head node
 # Metrics every report of the training loop carries; val/* only where it evaluated.
 EVERY_REPORT = ("lr", "seconds_per_iteration", "step", "epoch")
 
@@ -167,11 +172,15 @@ class Sweep:
         self.name = cfg.name or path.stem
         self.dir = (cfg.output_dir or base.output_dir / self.name).resolve()
         self.tracking_uri = base.tracking.uri or _default_uri(base)
+        # explicit base storage: everything of the sweep in <it>/<sweep name>; by default its output dir
+        self.storage = (base.storage.open(self.dir).child(self.name) if base.storage.path
+                        else base.storage.open(self.dir))
+        self.trials_storage = self.storage.child("trials").uri if base.storage.path else None
         self.configs: list[ExperimentConfig] = []  # the checked trial setups (random ranges at their bounds)
 
     def trial_config(self, values: dict[str, Any], name: str) -> ExperimentConfig:
         return ExperimentConfig.model_validate(trial_raw(self.base_raw, values, name, self.dir / "trials",
-                                                         self.tracking_uri, self.cfg.route))
+                                                         self.tracking_uri, self.cfg.route, self.trials_storage))
 
 
 def _default_uri(base: ExperimentConfig) -> str:
@@ -194,7 +203,7 @@ def set_path(raw: dict[str, Any], path: str, value: Any) -> None:
 
 
 def trial_raw(base_raw: dict[str, Any], values: dict[str, Any], name: str, output_dir: Path,
-              tracking_uri: str, route: dict[str, str] | None = None) -> dict[str, Any]:
+              tracking_uri: str, route: dict[str, str] | None = None, storage: str | None = None) -> dict[str, Any]:
     raw = copy.deepcopy(base_raw)
     for path, value in values.items():
         set_path(raw, path, value)
@@ -204,6 +213,9 @@ def trial_raw(base_raw: dict[str, Any], values: dict[str, Any], name: str, outpu
     raw["name"] = name
     raw["output_dir"] = str(output_dir)
     raw.setdefault("tracking", {})["uri"] = tracking_uri
+    if storage is not None:
+        base_storage = raw.get("storage")
+        raw["storage"] = {**(base_storage if isinstance(base_storage, dict) else {}), "path": storage}
     return raw
 
 
@@ -294,10 +306,6 @@ def _check_asha(sweep: Sweep, configs: list[ExperimentConfig]) -> None:
                 raise UserInputError(
                     f"{where}.metric: {asha.metric} is only in the reports that evaluate: set evaluation.period "
                     f"(now {evaluate}) and make checkpoint.period (now {checkpoint}) 0 or a multiple of it")
-        elif not evaluate and not checkpoint:
-            raise UserInputError(
-                f"{where}: trials report only at their end (evaluation.period and checkpoint.period are 0); "
-                f"set checkpoint.period to how often ASHA should look")
         max_t = asha.max_t or cfg.schedule.iterations
         if max_t is not None and asha.grace_period >= max_t:
             raise UserInputError(f"{where}.grace_period: {asha.grace_period} must be below the trial's "
@@ -385,13 +393,15 @@ def param_value(value: Any) -> str:
 LAST_REPORT = "last_report.json"
 
 
-def _last_report_callback(path: Path):
-    """A Train callback that keeps the run's latest report beside it (what Tune last heard of the trial)."""
+def _last_report_callback(cfg: ExperimentConfig):
+    """A Train callback that keeps the run's latest report in its storage (what Tune last heard of the trial)."""
     from ray.train import UserCallback
+    storage = cfg.run_storage()
 
     class LastReport(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            path.write_text(json.dumps(metrics[0]))
+            if checkpoint is not None or "run/median_seconds_per_iteration" in metrics[0]:  # not every step
+                storage.write_text(storage.path(LAST_REPORT), json.dumps(metrics[0]))
     return LastReport()
 
 
@@ -399,15 +409,16 @@ def _finished_before(cfg: ExperimentConfig) -> dict[str, Any] | None:
     """The last report of this trial's run if that run already finished (the sweep was stopped between
     the run's end and Tune hearing of it): a restored trial then reports it again instead of retraining."""
     from mlflow.tracking import MlflowClient
-    from orchestrator.run import MLFLOW_RUN_FILE
-    remembered, last = cfg.run_dir / MLFLOW_RUN_FILE, cfg.run_dir / LAST_REPORT
-    if not (remembered.is_file() and last.is_file() and cfg.tracking.uri):
+    from orchestrator.run import remembered_run_id
+    storage = cfg.run_storage()
+    run_id, last = remembered_run_id(cfg), storage.read_json(storage.path(LAST_REPORT))
+    if run_id is None or last is None or not cfg.tracking.uri:
         return None
     try:
-        status = MlflowClient(cfg.tracking.uri).get_run(remembered.read_text().strip()).info.status
+        status = MlflowClient(cfg.tracking.uri).get_run(run_id).info.status
     except Exception:  # noqa: BLE001 - unknown: train (and resume) as usual
         return None
-    return json.loads(last.read_text()) if status == "FINISHED" else None
+    return last if status == "FINISHED" else None
 
 
 def _run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
@@ -417,7 +428,7 @@ def _run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     from orchestrator.run import run_experiment
     tune_context = ray.tune.get_context()
     raw = trial_raw(context["base_raw"], config, tune_context.get_trial_name(), Path(context["trials_dir"]),
-                    context["tracking_uri"], context["route"])
+                    context["tracking_uri"], context["route"], context["trials_storage"])
     cfg = ExperimentConfig.model_validate(raw)
     finished = _finished_before(cfg)
     if finished is not None:
@@ -427,14 +438,23 @@ def _run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     varied = {path: param_value(value) for path, value in config.items()}
     run_experiment(cfg, parent_run_id=context["parent_run_id"],
                    extra_params={**varied, "sweep": context["sweep"], "sweep.trial_id": tune_context.get_trial_id()},
-                   callbacks=[TuneReportCallback(), _last_report_callback(cfg.run_dir.resolve() / LAST_REPORT)])
+                   callbacks=[TuneReportCallback(), _last_report_callback(cfg)])
+
+
+def _driver_on_head() -> bool:
+    import ray
+    here = ray.get_runtime_context().get_node_id()
+    return any(n["NodeID"] == here and HEAD_NODE in n.get("Resources", {}) for n in ray.nodes())
 
 
 def _trainable(sweep: Sweep, parent_run_id: str | None):
     from ray import tune
     context = {"base_raw": sweep.base_raw, "trials_dir": str(sweep.dir / "trials"), "sweep": sweep.name,
-               "tracking_uri": sweep.tracking_uri, "parent_run_id": parent_run_id, "route": sweep.cfg.route}
-    return tune.with_resources(tune.with_parameters(_run_trial, context=context), TRIAL_DRIVER_RESOURCES)
+               "tracking_uri": sweep.tracking_uri, "parent_run_id": parent_run_id, "route": sweep.cfg.route,
+               "trials_storage": sweep.trials_storage}
+    # the trial drivers run beside this one, where the tracking store and the output dir are
+    resources = {**TRIAL_DRIVER_RESOURCES, **({HEAD_NODE: 0.001} if _driver_on_head() else {})}
+    return tune.with_resources(tune.with_parameters(_run_trial, context=context), resources)
 
 
 def _scheduler(sweep: Sweep):
@@ -464,10 +484,9 @@ def _parent_run(sweep: Sweep, resuming: bool) -> tuple[Any, str | None]:
     client, answers = open_client(uri)
     if not answers:
         return client, None
-    remembered = sweep.dir / PARENT_RUN_FILE
+    remembered = sweep.storage.path(PARENT_RUN_FILE)
     try:
-        if resuming and remembered.is_file():
-            run_id = remembered.read_text().strip()
+        if resuming and (run_id := (sweep.storage.read_text(remembered) or "").strip()):
             print(f"resuming sweep {sweep.name}: MLflow parent run {run_id} "
                   f"(was {client.get_run(run_id).info.status})", flush=True)
             client.update_run(run_id, "RUNNING")
@@ -483,7 +502,7 @@ def _parent_run(sweep: Sweep, resuming: bool) -> tuple[Any, str | None]:
             if value is not None:
                 client.log_param(run_id, key, str(value)[:6000])
         client.log_artifact(run_id, str(sweep.dir / SWEEP_FILE))
-        remembered.write_text(run_id)
+        sweep.storage.write_text(remembered, run_id)
         return client, run_id
     except Exception as exc:  # noqa: BLE001 - tracking must never stop the sweep
         warn_unreachable(uri, str(exc).splitlines()[0])
@@ -496,13 +515,12 @@ def _close_children(client, sweep: Sweep, results, interrupted: bool, max_t: int
     A trial finished when its MLflow run did (``run_experiment`` got to its end). A trial Tune ended
     without an error before that was stopped early by ASHA, unless the whole sweep was interrupted.
     """
-    from orchestrator.run import MLFLOW_RUN_FILE
+    from orchestrator.run import remembered_run_id
     counts = {"finished": 0, "stopped early": 0, "failed": 0, "unfinished": 0}
     for result in results:
-        name = Path(result.path).name
+        name = result.path.rstrip("/").rsplit("/", 1)[-1]
         metrics = result.metrics or {}
-        remembered = sweep.dir / "trials" / name / MLFLOW_RUN_FILE
-        run_id = remembered.read_text().strip() if client is not None and remembered.is_file() else None
+        run_id = remembered_run_id(sweep.trial_config(result.config, name)) if client is not None else None
         status = None
         if run_id is not None:
             try:
@@ -553,26 +571,33 @@ def run_sweep(sweep: Sweep, compare: bool = True) -> dict[str, Any]:
         if key not in seen:
             seen.add(key)
             preflight(cfg)
+    from orchestrator.run import check_storage_reach
+    nodes, here = ray.nodes(), ray.get_runtime_context().get_node_id()
+    for cfg in configs:  # the trials' workers may land on other nodes; their storage must reach them
+        check_storage_reach(cfg.ray_storage(), nodes, cfg.scaling.worker_resources(), here,
+                            fixed_cluster=cfg.scaling.check_cluster)
 
     # Trials run in the job's working directory, as `run` does, so relative data paths mean the same.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    storage = sweep.dir / "tune"
+    storage = sweep.storage
+    tune_path = storage.path("tune")
     sweep.dir.mkdir(parents=True, exist_ok=True)
     fingerprint = json.dumps(_fingerprint(sweep), sort_keys=True, default=str)
-    resuming = tune.Tuner.can_restore(str(storage))
-    recorded = sweep.dir / SWEEP_FILE
-    if resuming and recorded.is_file() and recorded.read_text() != fingerprint:
-        raise UserInputError(f"{sweep.path}: {sweep.dir} holds a different sweep (base, space or ASHA changed); "
+    resuming = tune.Tuner.can_restore(tune_path, storage_filesystem=storage.ray_kwargs().get("storage_filesystem"))
+    recorded = storage.read_text(storage.path(SWEEP_FILE))
+    if resuming and recorded is not None and recorded != fingerprint:
+        raise UserInputError(f"{sweep.path}: {storage.uri} holds a different sweep (base, space or ASHA changed); "
                              f"give this one another name (--set sweep.name=...) or output_dir")
-    recorded.write_text(fingerprint)
+    storage.write_text(storage.path(SWEEP_FILE), fingerprint)
+    (sweep.dir / SWEEP_FILE).write_text(fingerprint)  # the parent run's artifact
     client, parent_run_id = _parent_run(sweep, resuming)
     trainable = _trainable(sweep, parent_run_id)
     status = "FAILED"
     started = time.time()
     try:
         if resuming:
-            tuner = tune.Tuner.restore(str(storage), trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True)
+            tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                       storage_filesystem=storage.ray_kwargs().get("storage_filesystem"))
         else:
             tuner = tune.Tuner(
                 trainable, param_space={k: v.to_tune() for k, v in sweep.cfg.space.items()},
@@ -581,7 +606,7 @@ def run_sweep(sweep: Sweep, compare: bool = True) -> dict[str, Any]:
                     max_concurrent_trials=sweep.cfg.max_concurrent_trials or fits,
                     trial_name_creator=functools.partial(trial_name, sweep.name, _numbered(sweep)),
                     trial_dirname_creator=functools.partial(trial_name, sweep.name, _numbered(sweep))),
-                run_config=tune.RunConfig(name=storage.name, storage_path=str(storage.parent), verbose=1))
+                run_config=tune.RunConfig(name="tune", **storage.ray_kwargs(), verbose=1))
         results = tuner.fit()
         status = "FINISHED"
     except KeyboardInterrupt:

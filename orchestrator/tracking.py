@@ -1,5 +1,9 @@
-"""MLflow from world rank 0 only, and never at the cost of the training run.
+"""MLflow from the driver only, and never at the cost of the training run.
 
+Workers never talk to MLflow: what they measure reaches the driver's node through Ray Train's
+reports, and a callback there logs rank 0's figures (so a worker on a node that cannot see the
+tracking store, or its ``./mlruns``, changes nothing). Each step is logged once, also when a run
+resumes: a step at or below the last one MLflow holds was logged before and is skipped.
 If the tracking server cannot be reached, training goes on and says so once.
 """
 from __future__ import annotations
@@ -102,3 +106,37 @@ class Tracker:
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._call(self.client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def last_step(self) -> int:
+        """The highest step this run has metrics for (0 for a new run)."""
+        run = self._call(self.client.get_run, self.run_id)
+        return int(run.data.metrics.get("step", 0)) if run is not None else 0
+
+
+def metrics_callback(uri: str, run_id: str, logged_through: int = 0):
+    """A Ray Train callback (it runs on the driver's node) that logs rank 0's report of every step
+    after ``logged_through`` to the MLflow run, and once the batch sizes the workers chose."""
+    from mlflow.entities import Param
+    from ray.train import UserCallback
+
+    class MlflowMetrics(UserCallback):
+        def __init__(self):
+            self.tracker, self.logged_through, self.sizes_logged = Tracker(uri, run_id), logged_through, False
+
+        def after_report(self, run_context, metrics, checkpoint):
+            report = metrics[0]
+            if "batch_sizes" in report and not self.sizes_logged:
+                self.sizes_logged = True
+                sizes = report["batch_sizes"]
+                try:  # a resumed run has them already, with the same values
+                    self.tracker.client.log_batch(run_id, params=[Param("batch_sizes", str(sizes)),
+                                                                  Param("batch_total", str(sum(sizes)))])
+                except Exception:  # noqa: BLE001
+                    pass
+            step = int(report.get("step", 0))
+            if step <= self.logged_through:  # logged before the run was interrupted
+                return
+            self.tracker.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float))}, step)
+            self.logged_through = step
+
+    return MlflowMetrics()

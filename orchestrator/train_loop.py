@@ -2,7 +2,11 @@
 
 ``train_loop_per_worker`` runs inside every Ray Train worker; ``train_locally`` runs the same loop
 in this process without Ray (for the overhead comparison and for debugging). It is the only place
-that calls ``ray.train.report``; MLflow is written from world rank 0 only.
+that calls ``ray.train.report``: once a step, with a checkpoint where one is due. Workers never
+talk to MLflow; the driver logs their reports (``orchestrator.tracking.metrics_callback``).
+Evaluation is sharded: every rank predicts its own share of the validation split, and rank 0
+computes COCO AP once over all of them, while the other ranks wait in Ray's report (which has no
+timeout), not in the process group.
 """
 from __future__ import annotations
 
@@ -22,12 +26,12 @@ from detectors.data import CocoDetection, build_transforms, collate_fn, make_syn
 from detectors.data.sampling import ProportionalBatchSampler, rank_loss_weight
 from detectors.engines import build_detector
 from detectors.errors import UserInputError
-from detectors.training import check_num_classes, evaluate, move_batch, training_step
+from detectors.training import check_num_classes, evaluate_shards, evaluation_shard, move_batch, predict_dataset, \
+    training_step
 from detectors.tuning import resolve_method
 from orchestrator.checkpointing import backbone_fingerprint, load_checkpoint, save_checkpoint
 from orchestrator.config import ExperimentConfig
 from orchestrator.gpu_kinds import CPU, kind_from_name, kind_from_resources
-from orchestrator.tracking import Tracker
 
 
 def dataset_paths(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -133,9 +137,9 @@ class _Hooks:
 class _RayHooks(_Hooks):
     save_final_checkpoint = False
 
-    def __init__(self, resume_from: str | None = None):
+    def __init__(self, cfg: ExperimentConfig, resume_from: str | None = None):
         import ray.train
-        self.resume_from = resume_from
+        self.cfg, self.resume_from = cfg, resume_from
         self.context = ray.train.get_context()
         self.rank, self.world = self.context.get_world_rank(), self.context.get_world_size()
 
@@ -150,10 +154,12 @@ class _RayHooks(_Hooks):
     def checkpoint_dir(self) -> Path | None:
         import ray.train
         checkpoint = ray.train.get_checkpoint()  # the newest Ray recorded, after a worker failure too
+        if checkpoint is None and self.resume_from:  # one the driver found in the run's storage
+            storage = self.cfg.ray_storage()
+            checkpoint = ray.train.Checkpoint(self.resume_from, filesystem=storage.filesystem)
         if checkpoint is None:
-            return Path(self.resume_from) if self.resume_from else None
-        self._resume = tempfile.mkdtemp(prefix="resume-")
-        return Path(checkpoint.to_directory(self._resume))
+            return None
+        return Path(checkpoint.to_directory(tempfile.mkdtemp(prefix="resume-")))
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
         import ray.train
@@ -175,18 +181,24 @@ class _RayHooks(_Hooks):
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point: ``config`` holds the experiment (as a dict) and the MLflow run."""
-    _train(ExperimentConfig.model_validate(config["experiment"]), _RayHooks(config.get("resume_from")),
-           config.get("tracking_uri"), config.get("mlflow_run_id"), config.get("fail_at_step"))
+    """Ray Train entry point: ``config`` holds the experiment (as a dict) and where to resume from."""
+    cfg = ExperimentConfig.model_validate(config["experiment"])
+    _train(cfg, _RayHooks(cfg, config.get("resume_from")), config.get("fail_at_step"))
 
 
-def train_locally(cfg: ExperimentConfig, tracking_uri: str | None = None, run_id: str | None = None) -> dict:
-    """The same loop in this process, no Ray: returns the last metrics."""
-    return _train(cfg, _Hooks(), tracking_uri, run_id)
+def train_locally(cfg: ExperimentConfig) -> dict:
+    """The same loop in this process, no Ray and no tracking: returns the last metrics."""
+    return _train(cfg, _Hooks())
 
 
-def _train(cfg: ExperimentConfig, hooks: _Hooks, tracking_uri: str | None, run_id: str | None,
-           fail_at_step: int | None = None) -> dict:
+def loader_workers(cfg: ExperimentConfig, device: torch.device) -> int:
+    """Data-loading processes: as the file says, else the worker's CPUs less the one that trains."""
+    if cfg.data.loader_workers is not None:
+        return cfg.data.loader_workers
+    return max(0, int(cfg.scaling.cpus_per_worker) - 1)
+
+
+def _train(cfg: ExperimentConfig, hooks: _Hooks, fail_at_step: int | None = None) -> dict:
     rank, world = hooks.rank, hooks.world
     device = hooks.device() if cfg.device != "cpu" else torch.device("cpu")
     if device.type == "cpu":  # the CPUs this worker reserved, in and out of Ray alike
@@ -212,9 +224,6 @@ def _train(cfg: ExperimentConfig, hooks: _Hooks, tracking_uri: str | None, run_i
         start = load_checkpoint(resume_from, detector, optimizer, scheduler, identity)
         print(f"[rank {rank}] resuming from step {start}", flush=True)
 
-    tracker = Tracker(tracking_uri, run_id) if rank == 0 and tracking_uri else None
-    if tracker and cfg.batch_sizes() is None:  # per-kind sizes are known only now
-        tracker.log_params({"batch_sizes": batch_sizes, "batch_total": sum(batch_sizes)})
     use_amp = cfg.schedule.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     metrics: dict[str, float] = {}
@@ -227,7 +236,7 @@ def _train(cfg: ExperimentConfig, hooks: _Hooks, tracking_uri: str | None, run_i
         sampler.set_epoch(epoch)
         batches = sampler.batches()[offset:]
         loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate_fn,
-                            num_workers=cfg.data.loader_workers)
+                            num_workers=loader_workers(cfg, device), pin_memory=device.type == "cuda")
         detector.train()
         for batch, (images, targets) in zip(batches, loader):
             images, targets = move_batch(images, targets, device)
@@ -246,8 +255,8 @@ def _train(cfg: ExperimentConfig, hooks: _Hooks, tracking_uri: str | None, run_i
                        "seconds_per_iteration": seconds, "epoch": epoch, "step": step, "world_size": world,
                        "images_per_step": sum(batch_sizes)}
             metrics["peak_memory_mb"] = peak_memory_mb(device)
-            if tracker:
-                tracker.log_metrics(metrics, step)
+            if step == start + 1:  # per-kind sizes are known only now; the driver logs them once
+                metrics["batch_sizes"] = batch_sizes
             if rank == 0:
                 eta = (time.perf_counter() - started) / (step - start) * (total - step)
                 print(f"iter {step}/{total}  loss {losses['loss']:.4f}  {seconds:.2f} s/iter  eta {eta:.0f} s", flush=True)
@@ -256,26 +265,32 @@ def _train(cfg: ExperimentConfig, hooks: _Hooks, tracking_uri: str | None, run_i
             checkpoint_now = last or (cfg.checkpoint.period and step % cfg.checkpoint.period == 0)
             if last:
                 metrics.update(_run_summary(step_seconds, hooks.gather(seen), hooks.gather(peak_memory_mb(device))))
-                if tracker:
-                    tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("run/")}, step)
-            if evaluate_now and rank == 0:
-                results = evaluate(detector, val_set, device)
-                metrics.update({f"val/{k}": v for k, v in results.items()})
-                if tracker:
-                    tracker.log_metrics({f"val/{k}": v for k, v in results.items()}, step)
-            if checkpoint_now or evaluate_now:
-                with tempfile.TemporaryDirectory() as tmp:
-                    directory = None
-                    if checkpoint_now and rank == 0:
-                        directory = save_checkpoint(Path(tmp) / "checkpoint", detector, optimizer, scheduler, step,
-                                                    identity)
-                    hooks.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))
-                                  and math.isfinite(v)}, directory)
-            tick = time.perf_counter()  # evaluation and checkpoints are not iteration time
+            if evaluate_now:
+                metrics.update(_evaluate(detector, val_set, device, hooks))
+            with tempfile.TemporaryDirectory() as tmp:
+                directory = None
+                if checkpoint_now and rank == 0:
+                    directory = save_checkpoint(Path(tmp) / "checkpoint", detector, optimizer, scheduler, step,
+                                                identity)
+                hooks.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, list))}, directory)
+            if evaluate_now or checkpoint_now:  # they are not iteration time; a step's own report is
+                tick = time.perf_counter()
             if step >= total:
                 break
     if rank == 0 and hooks.save_final_checkpoint:
         save_checkpoint(cfg.run_dir / "checkpoint", detector, optimizer, scheduler, step, identity)
+    return metrics
+
+
+def _evaluate(detector, val_set: CocoDetection, device: torch.device, hooks: _Hooks) -> dict[str, float]:
+    """Every rank predicts its shard; rank 0 merges the predictions and computes COCO AP once."""
+    shard = evaluation_shard(len(val_set), hooks.rank, hooks.world)
+    started = time.perf_counter()
+    states = hooks.gather(predict_dataset(detector, val_set, device, indices=shard).get_state())
+    metrics = {f"eval_images_rank{rank}": len(state["image_ids"]) for rank, state in enumerate(states)}
+    if hooks.rank == 0:
+        metrics.update({f"val/{k}": v for k, v in evaluate_shards(val_set, states).items()})
+        metrics["eval_seconds"] = time.perf_counter() - started
     return metrics
 
 

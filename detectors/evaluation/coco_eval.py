@@ -107,6 +107,9 @@ class CocoEvaluator:
                 "segm": self.segm_results, "has_masks": self.has_masks}
 
     def merge_state(self, state: Mapping[str, Any]) -> None:
+        twice = self.image_ids.intersection(state["image_ids"])
+        if twice:  # their predictions would count twice, and their ground truth once
+            raise ValueError(f"images {sorted(twice)[:5]} were predicted by two shards; shards must be disjoint")
         self.image_ids.update(state["image_ids"])
         self.bbox_results.extend(state["bbox"])
         self.segm_results.extend(state["segm"])

@@ -40,3 +40,43 @@ def local_ray_cluster(head_resources: dict | None = None, extra_nodes: tuple[dic
         yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", env
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+
+
+@contextlib.contextmanager
+def s3_server():
+    """An S3-compatible server (moto) over HTTP on 127.0.0.1 and a random port. Yields its endpoint URL;
+    the AWS variables a user would set (endpoint, region, test credentials) are set while it runs."""
+    import time
+    import urllib.request
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saved = {key: os.environ.get(key) for key in [*S3_CREDENTIALS, "AWS_ENDPOINT_URL"]}
+    os.environ.update(S3_CREDENTIALS, AWS_ENDPOINT_URL=endpoint)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=2).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "moto_server did not start"
+                time.sleep(0.2)
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def make_bucket(name: str) -> None:
+    from orchestrator.storage import s3_filesystem
+    s3_filesystem(None, None).create_dir(name)

@@ -80,7 +80,7 @@ def test_run_refuses_a_checkpoint_of_another_method_before_starting(tmp_path):
     import json
     from orchestrator.train_loop import config_identity
     cfg = load_experiment(DEMO, [f"output_dir={tmp_path}/out"])
-    checkpoint = cfg.run_dir / "ray" / "checkpoint_000001"
+    checkpoint = cfg.run_dir / "ray" / cfg.name / "checkpoint_000001"  # where Ray Train keeps it
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainable.safetensors").write_bytes(b"")
     (checkpoint / "state.json").write_text(json.dumps({"step": 2, "identity": config_identity(cfg)}))
