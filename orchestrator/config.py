@@ -115,8 +115,9 @@ class ScalingConfig(_Strict):
     gpus_per_worker: float = Field(1, gt=0)
     gpu_kind: str | None = Field(None, description="run only on nodes labelled with this GPU kind (gpu_<kind>)")
     resources: dict[str, float] = Field({}, description="custom Ray resources each worker needs, e.g. {fast_disk: 1}")
-    max_failures: int = Field(3, ge=0, description="worker-group restarts (from the newest checkpoint) before "
-                                                   "the run fails")
+    max_failures: int = Field(3, ge=0, description="worker-group restarts (from the newest checkpoint) before the run "
+                                                   "fails; as many tries to start the group again when a node is "
+                                                   "gone, unless check_cluster is false (then it waits for nodes)")
     check_cluster: bool = Field(True, description="refuse to start when the cluster can never hold the workers "
                                                   "(turn off on an autoscaling cluster that starts nodes on demand)")
 

@@ -159,8 +159,16 @@ def build_trainer(cfg: ExperimentConfig, uri: str | None, run_id: str | None, *,
         scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=scaling.worker_resources()),
         run_config=RunConfig(name=cfg.name, **storage.ray_kwargs(),
-                             failure_config=FailureConfig(max_failures=scaling.max_failures),
+                             failure_config=_failure_config(FailureConfig, scaling),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=[*tracking, *callbacks]))
+
+
+def _failure_config(failure_config, scaling):
+    """Worker failures restart the group ``max_failures`` times. A group that cannot be started again
+    (its node is gone) is retried as often on a fixed cluster, then the run fails with one line; a
+    cluster that starts nodes on demand (``check_cluster: false``) waits for them (Ray's default)."""
+    return failure_config(max_failures=scaling.max_failures,
+                          controller_failure_limit=scaling.max_failures if scaling.check_cluster else -1)
 
 
 def worker_user_error(exc: BaseException) -> UserInputError | None:

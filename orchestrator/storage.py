@@ -131,7 +131,7 @@ def s3_filesystem(endpoint_url: str | None, region: str | None, *, probe: bool =
         scheme, _, host = endpoint.rpartition("://")
         options.update(endpoint_override=host or endpoint, scheme=scheme or "https")
     if probe:  # the preflight must answer in seconds, not after the SDK's minutes of retries
-        options.update(connect_timeout=3, request_timeout=5,
+        options.update(connect_timeout=2, request_timeout=2,
                        retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=1))
     return fs.S3FileSystem(**options)
 

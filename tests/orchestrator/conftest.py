@@ -17,8 +17,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_ray_cluster(head_resources: dict | None = None, extra_nodes: tuple[dict, ...] = ()):
-    """Yields ``(gcs_address, dashboard_url, env)``; ``extra_nodes`` are custom resources of further nodes."""
+def local_ray_cluster(head_resources: dict | None = None, extra_nodes: tuple[dict, ...] = (),
+                      private_dir: Path | None = None):
+    """Yields ``(gcs_address, dashboard_url, env)``; ``extra_nodes`` are custom resources of further nodes.
+
+    With ``private_dir``, each further node runs in its own mount namespace with a fresh tmpfs over that
+    folder: what it writes there the head never sees, and it does not see the head's files there either
+    (two machines that share no disk). Needs root and ``unshare``."""
     bin_dir = Path(sys.executable).parent
     ray = str(bin_dir / "ray")
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
@@ -31,8 +36,12 @@ def local_ray_cluster(head_resources: dict | None = None, extra_nodes: tuple[dic
     commands = [[ray, "start", "--head", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                  f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}", *common,
                  f"--resources={json.dumps(head_resources or {})}"]]
-    commands += [[ray, "start", f"--address=127.0.0.1:{gcs}", *common, f"--resources={json.dumps(resources)}"]
-                 for resources in extra_nodes]
+    for resources in extra_nodes:
+        command = [ray, "start", f"--address=127.0.0.1:{gcs}", *common, f"--resources={json.dumps(resources)}"]
+        if private_dir is not None:  # ray start returns at once; its daemons keep the namespace
+            command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                       f'mount -t tmpfs tmpfs "{private_dir}" && exec "$@"', "node", *command]
+        commands.append(command)
     try:
         for command in commands:
             started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
@@ -78,5 +87,37 @@ def s3_server():
 
 
 def make_bucket(name: str) -> None:
-    from orchestrator.storage import s3_filesystem
-    s3_filesystem(None, None).create_dir(name)
+    from pyarrow.fs import S3FileSystem
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    S3FileSystem(endpoint_override=endpoint.removeprefix("http://"), scheme="http",
+                 allow_bucket_creation=True).create_dir(name)
+
+
+@contextlib.contextmanager
+def mlflow_server(store: Path, artifacts_destination: str, env: dict | None = None):
+    """``mlflow server`` on 127.0.0.1 and a random port, proxying artifacts to ``artifacts_destination``
+    (as on a cluster: every client, whatever its node, uploads through the server). Yields its URL."""
+    import time
+    import urllib.request
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{store}",
+         "--artifacts-destination", artifacts_destination, "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=60)
