@@ -51,7 +51,9 @@ def local_ray_cluster(head_resources: dict | None = None, extra_nodes: tuple[dic
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
-S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+# moto takes any credentials: a secret to look for where none may be written
+S3_SECRET = "moto-secret-never-to-be-logged"
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_REGION": "us-east-1"}
 
 
 @contextlib.contextmanager

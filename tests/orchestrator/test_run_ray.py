@@ -1,4 +1,5 @@
 """Real training runs: local Ray, Ray Train workers on CPU (gloo), a local MLflow store."""
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,33 @@ def test_two_gloo_workers_take_part_and_split_the_data_by_their_batch_sizes(tmp_
     assert metrics["run/peak_memory_mb_rank0"] > 100 and metrics["run/peak_memory_mb_rank1"] > 100
     client, run = only_run(outcome["tracking_uri"], "e3va-demo")
     assert run.data.params["batch_total"] == "4" and run.data.params["batch_per_worker"] == "[1, 3]"
+    # each rank predicted its own half of the 4 validation images; the merged COCO figures are one process's
+    assert metrics["eval_images_rank0"] == 2 and metrics["eval_images_rank1"] == 2
+    single = evaluate_in_this_process(cfg, outcome["checkpoint"])
+    assert single.keys() == {k.removeprefix("val/") for k in metrics if k.startswith("val/")}
+    for key, value in single.items():
+        theirs = metrics[f"val/{key}"]
+        assert (math.isnan(value) and math.isnan(theirs)) or abs(theirs - value) <= 1e-6, (key, theirs, value)
+
+
+def evaluate_in_this_process(cfg, checkpoint: str) -> dict:
+    """The run's final model rebuilt here (same seed, so the same frozen weights; the checkpoint's trained
+    ones), evaluated on the whole validation split by one process with the workers' one thread."""
+    import torch
+
+    from detectors.training import evaluate
+    from orchestrator.checkpointing import load_checkpoint
+    from orchestrator.train_loop import build_datasets, build_model
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(cfg.seed)
+        train_set, val_set = build_datasets(cfg)
+        detector = build_model(cfg, train_set.num_classes)
+        load_checkpoint(Path(checkpoint), detector, None, None, identity={})
+        return evaluate(detector, val_set)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_a_worker_failure_resumes_from_the_checkpoint_without_losing_or_repeating_steps(tmp_path, ray_local):

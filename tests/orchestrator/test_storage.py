@@ -19,7 +19,7 @@ from detectors.errors import UserInputError  # noqa: E402
 from orchestrator.checkpointing import STATE, WEIGHTS, newest_checkpoint  # noqa: E402
 from orchestrator.config import load_experiment  # noqa: E402
 from orchestrator.storage import open_storage  # noqa: E402
-from conftest import free_port, make_bucket, s3_server  # noqa: E402
+from conftest import S3_SECRET, free_port, make_bucket, s3_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "experiments" / "demo.yaml"
@@ -108,6 +108,11 @@ def test_a_worker_failure_resumes_from_the_newest_checkpoint_in_s3_logging_each_
     assert newest_checkpoint(storage, storage.path("demo"))[1]["step"] == 6
     assert not list((tmp_path / "demo").glob("**/" + WEIGHTS))  # nothing of the run's state on local disk
     assert outcome["checkpoint"].startswith("runs/failure/demo/")
+    # the credentials reached the workers through the environment, and were written nowhere
+    client = MlflowClient(outcome["tracking_uri"])
+    resolved = Path(client.download_artifacts(run.info.run_id, "experiment.yaml", str(tmp_path / "dl"))).read_text()
+    assert "s3://runs/failure" in resolved and S3_SECRET not in resolved
+    assert not any(S3_SECRET in str(v) for v in [*run.data.params.values(), *run.data.tags.values()])
 
 
 def test_a_killed_driver_run_again_resumes_from_s3_and_logs_each_step_once(s3, tmp_path):
