@@ -52,7 +52,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.config import load_experiment
     cfg = load_experiment(args.experiment, args.set)
     from orchestrator.run import run_experiment
+    from orchestrator.summary import print_summary
     outcome = run_experiment(cfg)
+    print_summary(cfg, outcome)
     print(f"finished: MLflow run {outcome['run_id']} in {outcome['tracking_uri']}")
     return 0
 

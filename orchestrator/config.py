@@ -135,6 +135,8 @@ class ScalingConfig(_Strict):
 class TrackingConfig(_Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; default: sqlite under output_dir")
     experiment: str = "e3va-detection"
+    run_name: str | None = Field(None, description="MLflow run name; default: what it is, e.g. "
+                                                   "'e3va-r8 swin_t mask_rcnn'")
 
 
 class StorageConfig(_Strict):

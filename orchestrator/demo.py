@@ -9,8 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from tabulate import tabulate
-
 from detectors.errors import UserInputError
 
 DEMO_EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "demo.yaml"
@@ -24,14 +22,9 @@ def run_demo(overrides: Sequence[str] = ()) -> dict:
                              f"installed with pip install -e .")
     cfg = load_experiment(DEMO_EXPERIMENT, overrides)
     outcome = run_experiment(cfg)
-    metrics = outcome["metrics"] or {}
-    rows = [[kind] + [f"{metrics.get(f'val/{kind}/{name}', float('nan')):.1f}"
-                      for name in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
-            for kind in ("bbox", "segm") if f"val/{kind}/AP" in metrics]
-    print()
-    print(f"E3VA {cfg.backbone.name} {cfg.model.detector} on the synthetic validation split "
-          f"after {cfg.schedule.iterations} iterations:")
-    print(tabulate(rows, headers=["", "AP", "AP50", "AP75", "APs", "APm", "APl"], disable_numparse=True))
+    from orchestrator.summary import print_summary
+    print_summary(cfg, outcome, f"E3VA {cfg.backbone.name} {cfg.model.detector} on the synthetic validation split "
+                                f"after {cfg.schedule.iterations} iterations:")
     uri = outcome["tracking_uri"]
     print(f"\nMLflow run {outcome['run_id']} (experiment {cfg.tracking.experiment!r}). Open the UI with:\n"
           f"  .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000\n"

@@ -25,7 +25,8 @@ from detectors.params import count_parameters
 from orchestrator.checkpointing import STATE, WEIGHTS, check_identity, newest_checkpoint
 from orchestrator.config import ExperimentConfig, check_inputs_exist
 from orchestrator.storage import Storage
-from orchestrator.tracking import default_uri, experiment_id, metrics_callback, open_client, warn_unreachable
+from orchestrator.tracking import (default_uri, describe_run, experiment_id, log_dataset, metrics_callback, open_client,
+                                   system_metrics_monitor, warn_unreachable)
 
 
 class RunFailedError(RuntimeError):
@@ -38,7 +39,7 @@ def preflight(cfg: ExperimentConfig) -> None:
     if cfg.backbone.name not in SWIN_SPECS:
         raise UserInputError(f"backbone.name: unknown backbone {cfg.backbone.name!r}; "
                              f"choose one of {', '.join(SWIN_SPECS)}")
-    ENGINES.get(cfg.model.engine).check(cfg.model.engine, cfg.model.detector)
+    ENGINES.get(cfg.model.engine).check(cfg.model.engine, cfg.model.detector, cfg.model.options)
     check_inputs_exist(cfg)
     storage = cfg.ray_storage(probe=True)
     storage.check()
@@ -122,15 +123,18 @@ def start_mlflow_run(cfg: ExperimentConfig, uri: str, *, parent_run_id: str | No
         if run_id is not None and newest_checkpoint(storage, storage.root) is not None:
             status = client.get_run(run_id).info.status
             if status == "FINISHED":
-                raise UserInputError(f"{cfg.run_dir} already holds the finished run {run_id}; "
+                raise UserInputError(f"{storage.uri} already holds the finished run {run_id}; "
                                      f"give the experiment another name (--set name=...) or output_dir")
             client.update_run(run_id, "RUNNING")
             print(f"resuming MLflow run {run_id} (was {status})", flush=True)
             return client, run_id
-        tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
-        run = client.create_run(experiment_id(client, cfg.tracking.experiment, uri), run_name=cfg.name, tags=tags)
+        name, tags = describe_run(cfg)
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = client.create_run(experiment_id(client, cfg.tracking.experiment, uri), run_name=name, tags=tags)
         for key, value in {**_params(cfg), **(extra_params or {})}.items():
             client.log_param(run.info.run_id, key, value)
+        log_dataset(client, run.info.run_id, cfg, dataset_paths(cfg))
         storage.write_text(storage.path(MLFLOW_RUN_FILE), run.info.run_id)
         return client, run.info.run_id
     except UserInputError:
@@ -206,8 +210,9 @@ def run_experiment(cfg: ExperimentConfig, fail_at_step: int | None = None, *,
     uri = cfg.tracking.uri or default_uri(run_dir)
     client, run_id = start_mlflow_run(cfg, uri, parent_run_id=parent_run_id, extra_params=extra_params)
     status = "FAILED"
+    logged_through = _last_logged_step(client, run_id)
+    monitor = system_metrics_monitor(run_id, uri, resume=logged_through > 0) if run_id else None
     try:
-        logged_through = _last_logged_step(client, run_id)
         trainer = build_trainer(cfg, uri, run_id, fail_at_step=fail_at_step, callbacks=callbacks,
                                 logged_through=logged_through)
         try:
@@ -222,6 +227,8 @@ def run_experiment(cfg: ExperimentConfig, fail_at_step: int | None = None, *,
         status = "KILLED"
         raise
     finally:
+        if monitor is not None:
+            monitor.finish()
         if run_id is not None:
             try:
                 if status == "FINISHED":

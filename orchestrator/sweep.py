@@ -212,7 +212,7 @@ def trial_raw(base_raw: dict[str, Any], values: dict[str, Any], name: str, outpu
         set_path(raw, "scaling.gpu_kind", route[method])
     raw["name"] = name
     raw["output_dir"] = str(output_dir)
-    raw.setdefault("tracking", {})["uri"] = tracking_uri
+    raw.setdefault("tracking", {}).update(uri=tracking_uri, run_name=name)
     if storage is not None:
         base_storage = raw.get("storage")
         raw["storage"] = {**(base_storage if isinstance(base_storage, dict) else {}), "path": storage}

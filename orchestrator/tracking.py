@@ -59,6 +59,51 @@ def experiment_id(client, name: str, uri: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
+MASK_DETECTORS = ("mask_rcnn", "cascade_mask_rcnn")
+
+
+def describe_run(cfg) -> tuple[str, dict[str, str]]:
+    """The MLflow run's name (``tracking.run_name``, else what it is: ``e3va-r8 swin_t mask_rcnn``) and the
+    tags a user filters and compares by."""
+    hyper = cfg.tuning.hyperparameters
+    variant = cfg.tuning.method + (f"-r{hyper['rank']}" if "rank" in hyper else "")
+    name = cfg.tracking.run_name or f"{variant} {cfg.backbone.name} {cfg.model.detector}"
+    task = "instance-segmentation" if cfg.model.detector in MASK_DETECTORS else "detection"
+    return name, {"method": cfg.tuning.method, "backbone": cfg.backbone.name, "detector": cfg.model.detector,
+                  "engine": cfg.model.engine, "task": task}
+
+
+def log_dataset(client, run_id: str, cfg, paths: dict[str, Any]) -> None:
+    """The training data as the run's one MLflow dataset input (the runs table's Dataset column):
+    named for what it is, its digest over both splits' annotations."""
+    import hashlib
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    digest = hashlib.sha256()
+    for split in ("train", "val"):
+        digest.update(Path(paths[f"{split}_json"]).read_bytes())
+    synthetic = cfg.data.synthetic
+    name = (f"synthetic-shapes-{synthetic.num_train}+{synthetic.num_val}" if synthetic is not None
+            else Path(paths["train_json"]).stem)
+    dataset = MetaDataset(resolve_dataset_source(str(Path(paths["train_json"]).resolve())), name=name,
+                          digest=digest.hexdigest()[:10])
+    client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", "train")])])
+
+
+def system_metrics_monitor(run_id: str, uri: str, resume: bool):
+    """CPU, memory (and GPU, where pynvml sees one) of the driver's node, sampled into the run; or None."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=5, resume_logging=resume, tracking_uri=uri)
+        monitor.start()
+        return monitor
+    except Exception as exc:  # noqa: BLE001 - e.g. psutil missing: the run goes on without them
+        log.info("no system metrics: %s", exc)
+        return None
+
+
 def default_uri(run_dir: Path) -> str:
     """The embedded default: a sqlite store beside the run's outputs."""
     return f"sqlite:///{(run_dir.parent / 'mlflow.db').resolve()}"

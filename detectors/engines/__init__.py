@@ -27,7 +27,8 @@ def _build_detectron2(detector: str, backbone, num_classes: int, **options) -> D
 
 
 ENGINES.register("detectron2")(Engine(detectors=("cascade_mask_rcnn", "retinanet"), build=_build_detectron2,
-                                      missing=_detectron2_missing))
+                                      missing=_detectron2_missing,
+                                      options=lambda detector: frozenset({"config_file", "opts"})))
 
 
 def build_detector(engine: str, detector: str, num_classes: int, backbone: str = "swin_t",
@@ -41,7 +42,7 @@ def build_detector(engine: str, detector: str, num_classes: int, backbone: str =
     ``detector_options`` to the engine's detector constructor.
     """
     spec = ENGINES.get(engine)
-    spec.check(engine, detector)
+    spec.check(engine, detector, detector_options or {})
     if num_classes < 1:
         raise UserInputError(f"num_classes must be at least 1, got {num_classes}")
     method = build_tuning(tuning, **(hyperparameters or {}))

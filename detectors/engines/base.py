@@ -9,7 +9,7 @@ train; the backbone trains as its tuning method decided when it was built.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -25,14 +25,20 @@ class Engine:
     detectors: tuple[str, ...]
     build: Callable[..., "Detector"]             # (detector, tuned_backbone, num_classes) -> Detector
     missing: Callable[[], str | None] = lambda: None  # why it cannot run here, or None
+    options: Callable[[str], frozenset[str]] = lambda detector: frozenset()  # what the detector accepts
 
-    def check(self, name: str, detector: str) -> None:
+    def check(self, name: str, detector: str, options: Mapping[str, object] = ()) -> None:
+        """Availability, name and options, before anything is built or started."""
         reason = self.missing()
         if reason:
             raise UserInputError(f"engine {name}: {reason}")
         if detector not in self.detectors:
             raise UserInputError(f"unknown detector {detector!r} for engine {name}; "
                                  f"choose one of {', '.join(self.detectors)}")
+        unknown = sorted(set(options) - self.options(detector))
+        if unknown:
+            raise UserInputError(f"unknown option(s) {', '.join(unknown)} for {name}'s {detector} (model.options); "
+                                 f"valid: {', '.join(sorted(self.options(detector)))}")
 
 
 ENGINES: Registry[Engine] = Registry("detector engine")

@@ -6,6 +6,7 @@ transform only normalises and pads to a multiple of 32.
 """
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from typing import Callable
 
@@ -119,4 +120,22 @@ def build_torchvision_detector(detector: str, backbone: nn.Module, num_classes: 
     return TorchvisionDetector(detector, model)
 
 
-ENGINES.register("torchvision")(Engine(detectors=tuple(TORCHVISION_DETECTORS), build=build_torchvision_detector))
+# What each builder fills in itself; the rest of the constructor's keywords are the detector's options.
+_BUILT_HERE = {"self", "backbone", "num_classes", "kwargs", "mask_roi_pool", "box_roi_pool", "anchor_generator",
+               "rpn", "roi_heads", "transform"}  # the last three: GeneralizedRCNN's, which the subclasses fill
+_TORCHVISION_CLASSES = {"mask_rcnn": MaskRCNN, "faster_rcnn": FasterRCNN, "retinanet": RetinaNet}
+
+
+def torchvision_options(detector: str) -> frozenset[str]:
+    """The keyword options torchvision's constructor of ``detector`` takes (along its bases' ``**kwargs``)."""
+    names: set[str] = set()
+    for cls in _TORCHVISION_CLASSES[detector].__mro__:
+        if cls is nn.Module:
+            break
+        if "__init__" in vars(cls):
+            names |= set(inspect.signature(cls.__init__).parameters)
+    return frozenset(names - _BUILT_HERE)
+
+
+ENGINES.register("torchvision")(Engine(detectors=tuple(TORCHVISION_DETECTORS), build=build_torchvision_detector,
+                                       options=torchvision_options))

@@ -95,3 +95,15 @@ def test_a_file_without_read_permission_is_one_line_from_the_real_command(tmp_pa
     assert result.stderr == f"error: {'experiment' if command == 'run' else 'sweep'} file {path} cannot be read: " \
                             f"Permission denied\n", result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_detectron2_experiment_with_torchvision_options_fails_before_ray_starts(tmp_path, capsys):
+    """The demo's torchvision-only model.options left in a detectron2 experiment: one line, at once."""
+    started = time.monotonic()
+    assert main(["run", str(DEMO), "--set", "model.engine=detectron2", "--set", "model.detector=retinanet",
+                 "--set", f"output_dir={tmp_path}/out", "--set", f"data.synthetic.root={tmp_path}/s"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and time.monotonic() - started < 10, err
+    assert ("unknown option(s) box_batch_size_per_image" in err or "detectron2 is not installed" in err), err
+    assert not (tmp_path / "out").exists()
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()

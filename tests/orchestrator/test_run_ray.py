@@ -43,6 +43,14 @@ def test_demo_command_finishes_an_mlflow_run_with_coco_metrics_and_the_adapter_c
     assert run.info.status == "FINISHED"
     assert run.info.artifact_uri.startswith(tmp_path.resolve().as_uri())  # beside the store, not in ./mlruns
     assert run.data.params["method"] == "e3va" and run.data.params["rank"] == "8"
+    # what a user compares by: the run named for what it is, its tags, its data, the machine's load
+    assert run.info.run_name == "e3va-r8 swin_t mask_rcnn"
+    assert {k: run.data.tags[k] for k in ("method", "backbone", "detector", "task")} == {
+        "method": "e3va", "backbone": "swin_t", "detector": "mask_rcnn", "task": "instance-segmentation"}
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "synthetic-shapes-16+4" and dataset.tags[0].value == "train"
+    assert "system/cpu_utilization_percentage" in run.data.metrics and "system/system_memory_usage_megabytes" in \
+        run.data.metrics
     for name in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
         assert f"val_bbox_{name}" in run.data.metrics and f"val_segm_{name}" in run.data.metrics
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")]
@@ -153,6 +161,7 @@ def test_a_stopped_run_is_continued_by_running_the_command_again(tmp_path):
     second = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming from step" in second.stdout + second.stderr
+    assert "AP50" in second.stdout and "bbox" in second.stdout and "checkpoint: " in second.stdout  # the run's table
     client, resumed = only_run(f"sqlite:///{tmp_path}/mlflow.db", "e3va-demo")
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")}

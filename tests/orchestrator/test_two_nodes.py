@@ -50,6 +50,7 @@ def cluster():
 
 def run(cluster, *overrides, timeout=900, **popen):
     env, outputs, tracking_uri = cluster
+    overrides += tuple(f"tracking.run_name={o.removeprefix('name=')}" for o in overrides if o.startswith("name="))
     args = [sys.executable, "-m", "orchestrator", "run", str(DEMO),
             *sum((["--set", s] for s in [*TWO_WORKERS, f"output_dir={outputs}", f"tracking.uri={tracking_uri}",
                                          f"data.synthetic.root={outputs}/synthetic", *overrides]), [])]

@@ -48,3 +48,13 @@ def test_the_detectron2_engine_is_registered_with_its_detectors():
 def test_unknown_engine_is_a_user_error():
     with pytest.raises(UserInputError, match="unknown detector engine 'mmdet'"):
         build_detector("mmdet", "retinanet", num_classes=3, **TINY)
+
+
+def test_options_of_another_engine_are_refused_before_anything_is_built():
+    with pytest.raises(UserInputError, match=r"unknown option\(s\) backbone_lr for torchvision's mask_rcnn "
+                                             r"\(model.options\); valid: .*box_batch_size_per_image"):
+        ENGINES.get("torchvision").check("torchvision", "mask_rcnn", {"backbone_lr": 1, "box_batch_size_per_image": 8})
+    if importlib.util.find_spec("detectron2") is not None:
+        with pytest.raises(UserInputError, match=r"unknown option\(s\) rpn_post_nms_top_n_train .*valid: config_file, "
+                                                 r"opts"):
+            ENGINES.get("detectron2").check("detectron2", "retinanet", {"rpn_post_nms_top_n_train": 300})
