@@ -5,7 +5,7 @@ benchmark call them directly in one process.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -79,14 +79,20 @@ def evaluation_shard(num_images: int, rank: int, world: int) -> range:
 
 
 def predict_dataset(detector, dataset: CocoDetection, device: torch.device | str = "cpu", batch_size: int = 2,
-                    indices: Iterable[int] | None = None) -> CocoEvaluator:
-    """An evaluator holding ``detector``'s predictions on ``dataset`` (or the ``indices`` of it)."""
+                    indices: Iterable[int] | None = None,
+                    on_batch: Callable[[int], None] | None = None) -> CocoEvaluator:
+    """An evaluator holding ``detector``'s predictions on ``dataset`` (or the ``indices`` of it);
+    ``on_batch(images done)`` after each batch, for a progress display."""
     subset = dataset if indices is None else torch.utils.data.Subset(dataset, list(indices))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=collate_fn)
     evaluator = CocoEvaluator(dataset.coco, dataset.label_to_cat_id)
+    done = 0
     for images, targets in loader:
         images = [image.to(device) for image in images]
         evaluator.update(predict_for_eval(detector, images, targets))
+        done += len(images)
+        if on_batch is not None:
+            on_batch(done)
     return evaluator
 
 

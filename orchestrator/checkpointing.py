@@ -39,7 +39,10 @@ def backbone_fingerprint(backbone: nn.Module) -> str:
 
 
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, step: int, identity: dict[str, Any]) -> Path:
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, step: int, identity: dict[str, Any],
+                    history: list[dict[str, Any]] | None = None) -> Path:
+    """``history``: the reports since the previous checkpoint, this step's included. A driver stopped
+    before it logged them finds them here when the run resumes from this checkpoint."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -52,6 +55,7 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     save_file(tensors, str(staging / WEIGHTS))
     (staging / STATE).write_text(json.dumps({
         "step": step, "identity": identity, "weights_bytes": (staging / WEIGHTS).stat().st_size,
+        "history": history or [],
         "scheduler": scheduler.state_dict(),
         "optimizer_param_groups": optimizer_state["param_groups"]}, indent=2, default=str))
     if directory.exists():

@@ -51,21 +51,26 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.config import load_experiment
     cfg = load_experiment(args.experiment, args.set)
+    from orchestrator.console import CONSOLE, internals_to, verbose_requested
     from orchestrator.run import run_experiment
     from orchestrator.summary import print_summary
-    outcome = run_experiment(cfg)
-    print_summary(cfg, outcome)
-    print(f"finished: MLflow run {outcome['run_id']} in {outcome['tracking_uri']}")
+    with internals_to(cfg.run_dir / "run.log", verbose_requested(args.verbose)):
+        outcome = run_experiment(cfg, show_progress=True)
+        print_summary(cfg, outcome)
+        CONSOLE.say(f"finished: MLflow run {outcome['run_id']} in {outcome['tracking_uri']}")
     return 0
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    from orchestrator.console import CONSOLE, internals_to, verbose_requested
     from orchestrator.sweep import load_sweep, run_sweep
     sweep = load_sweep(args.sweep, args.set)
-    outcome = run_sweep(sweep)
-    if outcome["interrupted"]:
-        return 130
-    print(f"finished: sweep {sweep.name} under MLflow run {outcome['parent_run_id']} in {outcome['tracking_uri']}")
+    with internals_to(sweep.dir / "sweep.log", verbose_requested(args.verbose)):
+        outcome = run_sweep(sweep)
+        if outcome["interrupted"]:
+            return 130
+        CONSOLE.say(f"finished: sweep {sweep.name} under MLflow run {outcome['parent_run_id']} in "
+                    f"{outcome['tracking_uri']}")
     return 1 if outcome["counts"]["failed"] else 0
 
 
@@ -97,8 +102,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from orchestrator.console import verbose_requested
     from orchestrator.demo import run_demo
-    run_demo(args.set)
+    run_demo(args.set, verbose=verbose_requested(args.verbose))
     return 0
 
 
@@ -134,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("experiment", help="experiment YAML file")
     run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override a field, e.g. schedule.lr=0.001 (repeatable)")
+    run.add_argument("--verbose", action="store_true", help="show Ray's, pycocotools' and MLflow's output too "
+                                                           "(else in the run's log file; or set E3VA_VERBOSE=1)")
     run.set_defaults(func=_cmd_run)
 
     sweep = commands.add_parser("sweep", help="an ablation sweep with Ray Tune: one Ray Train run per trial")
@@ -141,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                        help="override a field of the base experiment, e.g. schedule.iterations=4, or of the "
                             "sweep with a sweep. prefix, e.g. sweep.max_concurrent_trials=1 (repeatable)")
+    sweep.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's output too (else in the "
+                                                             "sweep's log file; or set E3VA_VERBOSE=1)")
     sweep.set_defaults(func=_cmd_sweep)
 
     compare = commands.add_parser("compare", help="the papers' table and figures from MLflow runs")
@@ -182,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="train an E3VA detector on synthetic data via local Ray and MLflow")
     demo.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                       help="override a field of experiments/demo.yaml (repeatable)")
+    demo.add_argument("--verbose", action="store_true", help="show Ray's, pycocotools' and MLflow's output too "
+                                                            "(else in the run's log file; or set E3VA_VERBOSE=1)")
     demo.set_defaults(func=_cmd_demo)
     return parser
 
@@ -194,9 +206,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
+        from orchestrator.console import CONSOLE, log_tail
         from orchestrator.run import RunFailedError
         if not isinstance(exc, RunFailedError):
             raise
+        if CONSOLE.log_path is not None:  # what led to it, from the log the terminal did not show
+            print(f"the last lines of {CONSOLE.log_path}:\n{log_tail(CONSOLE.log_path)}", file=sys.stderr)
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

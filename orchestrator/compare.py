@@ -24,6 +24,7 @@ from typing import Any
 from tabulate import tabulate
 
 from detectors.errors import UserInputError
+from orchestrator.console import CONSOLE
 
 # Params every run of ``orchestrator run`` logs besides the method's hyperparameters.
 RUN_PARAMS = {"method", "variant", "backbone", "detector", "engine", "batch_per_worker", "workers", "batch_total",
@@ -313,8 +314,8 @@ def compare_runs(tracking_uri: str | None = None, experiment: str | None = None,
     table = build_table(rows)
     title = f"{len(rows)} runs" + (f" of experiment {experiment!r}" if experiment else "") + \
         (f" under sweep run {parent_run_id} ({parent.info.run_name})" if parent is not None else "")
-    print(title)
-    print(table, flush=True)
+    CONSOLE.say(title)
+    CONSOLE.say(table)
 
     out = Path(out or Path("outputs") / "compare")
     out.mkdir(parents=True, exist_ok=True)
@@ -325,25 +326,25 @@ def compare_runs(tracking_uri: str | None = None, experiment: str | None = None,
     made["ap_vs_memory"] = memory_plot
     if note:
         made["notes"].append(note)
-        print(f"note: {note}")
+        CONSOLE.say(f"note: {note}")
     try:
         keys = _pick_heatmap_keys(rows, parent, heatmap)
     except UserInputError as exc:
         if heatmap is not None:
             raise
         made["notes"].append(f"no heat map: {exc}")
-        print(f"note: no heat map: {exc}")
+        CONSOLE.say(f"note: no heat map: {exc}")
     else:
         plot_heatmap(rows, keys, out / "ap_heatmap.png")
         made["ap_heatmap"] = out / "ap_heatmap.png"
     plots = [p for p in (made.get("ap_vs_memory"), made.get("ap_heatmap")) if p is not None]
-    print("wrote " + ", ".join(str(p) for p in [made["table_path"], *plots]))
+    CONSOLE.say("wrote " + ", ".join(str(p) for p in [made["table_path"], *plots]))
     if parent is not None:
         try:
             for path in [made["table_path"], *plots]:
                 client.log_artifact(parent.info.run_id, str(path), "compare")
         except Exception as exc:  # noqa: BLE001
-            print(f"warning: could not log the figures to MLflow ({str(exc).splitlines()[0]})")
+            CONSOLE.say(f"warning: could not log the figures to MLflow ({str(exc).splitlines()[0]})")
     return made
 
 

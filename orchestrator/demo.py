@@ -14,19 +14,21 @@ from detectors.errors import UserInputError
 DEMO_EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "demo.yaml"
 
 
-def run_demo(overrides: Sequence[str] = ()) -> dict:
+def run_demo(overrides: Sequence[str] = (), verbose: bool = False) -> dict:
     from orchestrator.config import load_experiment
+    from orchestrator.console import CONSOLE, internals_to
     from orchestrator.run import run_experiment
+    from orchestrator.summary import print_summary
     if not DEMO_EXPERIMENT.is_file():
         raise UserInputError(f"the demo experiment {DEMO_EXPERIMENT} is missing: run the demo from a checkout "
                              f"installed with pip install -e .")
     cfg = load_experiment(DEMO_EXPERIMENT, overrides)
-    outcome = run_experiment(cfg)
-    from orchestrator.summary import print_summary
-    print_summary(cfg, outcome, f"E3VA {cfg.backbone.name} {cfg.model.detector} on the synthetic validation split "
-                                f"after {cfg.schedule.iterations} iterations:")
-    uri = outcome["tracking_uri"]
-    print(f"\nMLflow run {outcome['run_id']} (experiment {cfg.tracking.experiment!r}). Open the UI with:\n"
-          f"  .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000\n"
-          f"and browse to http://127.0.0.1:5000")
+    with internals_to(cfg.run_dir / "run.log", verbose):
+        outcome = run_experiment(cfg, show_progress=True)
+        print_summary(cfg, outcome, f"E3VA {cfg.backbone.name} {cfg.model.detector} on the synthetic validation "
+                                    f"split after {cfg.schedule.iterations} iterations:")
+        uri = outcome["tracking_uri"]
+        CONSOLE.say(f"\nMLflow run {outcome['run_id']} (experiment {cfg.tracking.experiment!r}). Open the UI with:\n"
+                    f"  .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000\n"
+                    f"and browse to http://127.0.0.1:5000")
     return outcome

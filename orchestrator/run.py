@@ -7,6 +7,7 @@ dies (``FailureConfig``) and when the whole command is run again with the same n
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -24,9 +25,10 @@ from detectors.errors import UserInputError
 from detectors.params import count_parameters
 from orchestrator.checkpointing import STATE, WEIGHTS, check_identity, newest_checkpoint
 from orchestrator.config import ExperimentConfig, check_inputs_exist
+from orchestrator.console import CONSOLE, TrainingProgress, progress_callback, progress_channel
 from orchestrator.storage import Storage
-from orchestrator.tracking import (default_uri, describe_run, experiment_id, log_dataset, metrics_callback, open_client,
-                                   system_metrics_monitor, warn_unreachable)
+from orchestrator.tracking import (Tracker, default_uri, describe_run, experiment_id, log_dataset, metrics_callback,
+                                   open_client, system_metrics_monitor, warn_unreachable)
 
 
 class RunFailedError(RuntimeError):
@@ -126,7 +128,7 @@ def start_mlflow_run(cfg: ExperimentConfig, uri: str, *, parent_run_id: str | No
                 raise UserInputError(f"{storage.uri} already holds the finished run {run_id}; "
                                      f"give the experiment another name (--set name=...) or output_dir")
             client.update_run(run_id, "RUNNING")
-            print(f"resuming MLflow run {run_id} (was {status})", flush=True)
+            CONSOLE.say(f"resuming MLflow run {run_id} (was {status})")
             return client, run_id
         name, tags = describe_run(cfg)
         if parent_run_id:
@@ -145,7 +147,7 @@ def start_mlflow_run(cfg: ExperimentConfig, uri: str, *, parent_run_id: str | No
 
 
 def build_trainer(cfg: ExperimentConfig, uri: str | None, run_id: str | None, *, fail_at_step: int | None = None,
-                  callbacks: Sequence[Any] = (), logged_through: int = 0):
+                  callbacks: Sequence[Any] = (), logged_through: int = 0, progress: Any = None):
     """The ``TorchTrainer`` of one run. Ray Train finds the run's checkpoints under the same name and
     storage path and hands the newest to the workers: a command run again continues the run."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -158,6 +160,7 @@ def build_trainer(cfg: ExperimentConfig, uri: str | None, run_id: str | None, *,
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": json.loads(cfg.model_dump_json()), "fail_at_step": fail_at_step,
+                           "progress": progress,
                            # for a run stopped before Ray recorded its newest checkpoint
                            "resume_from": resume[0] if resume else None},
         scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
@@ -191,7 +194,7 @@ def worker_user_error(exc: BaseException) -> UserInputError | None:
 
 def run_experiment(cfg: ExperimentConfig, fail_at_step: int | None = None, *,
                    parent_run_id: str | None = None, extra_params: dict[str, Any] | None = None,
-                   callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+                   callbacks: Sequence[Any] = (), show_progress: bool = False) -> dict[str, Any]:
     import ray
 
     preflight(cfg)
@@ -210,13 +213,17 @@ def run_experiment(cfg: ExperimentConfig, fail_at_step: int | None = None, *,
     uri = cfg.tracking.uri or default_uri(run_dir)
     client, run_id = start_mlflow_run(cfg, uri, parent_run_id=parent_run_id, extra_params=extra_params)
     status = "FAILED"
-    logged_through = _last_logged_step(client, run_id)
+    logged_through = _log_checkpointed_reports(cfg, uri, run_id, _last_logged_step(client, run_id))
     monitor = system_metrics_monitor(run_id, uri, resume=logged_through > 0) if run_id else None
     try:
-        trainer = build_trainer(cfg, uri, run_id, fail_at_step=fail_at_step, callbacks=callbacks,
-                                logged_through=logged_through)
+        progress = progress_channel() if show_progress else None
+        trainer = build_trainer(cfg, uri, run_id, fail_at_step=fail_at_step, logged_through=logged_through,
+                                callbacks=[*callbacks, *([] if progress is None else [progress_callback(progress)])],
+                                progress=progress)
         try:
-            result = trainer.fit()
+            showing = TrainingProgress(progress, cfg.schedule.iterations) if progress is not None else None
+            with showing or contextlib.nullcontext():
+                result = trainer.fit()
         except Exception as exc:
             user_error = worker_user_error(exc)
             if user_error is not None:
@@ -235,7 +242,7 @@ def run_experiment(cfg: ExperimentConfig, fail_at_step: int | None = None, *,
                     _log_results(client, run_id, result, resolved, run_dir)
                 client.set_terminated(run_id, status)
             except Exception as exc:  # noqa: BLE001
-                print(f"warning: MLflow tracking at {uri} failed ({str(exc).splitlines()[0]})", flush=True)
+                CONSOLE.warn(f"MLflow tracking at {uri} failed ({str(exc).splitlines()[0]})")
     return {"metrics": result.metrics, "run_id": run_id, "tracking_uri": uri,
             "checkpoint": result.checkpoint.path if result.checkpoint else None}
 
@@ -248,6 +255,24 @@ def _last_logged_step(client, run_id: str | None) -> int:
         return int(client.get_run(run_id).data.metrics.get("step", 0))
     except Exception:  # noqa: BLE001 - tracking must never stop training
         return 0
+
+
+def _log_checkpointed_reports(cfg: ExperimentConfig, uri: str, run_id: str | None, logged_through: int) -> int:
+    """A run resumed from a checkpoint whose reports the driver never logged (it was stopped between
+    the checkpoint's upload and the report reaching it): log them now, from the checkpoint. Returns the
+    last step MLflow then holds; the steps the workers redo up to it are not logged again."""
+    if run_id is None:
+        return logged_through
+    storage = cfg.ray_storage()
+    found = newest_checkpoint(storage, storage.path(cfg.name))
+    if found is None:
+        return logged_through
+    tracker = Tracker(uri, run_id)
+    for report in found[1].get("history", []):
+        if report.get("step", 0) > logged_through:
+            tracker.log_metrics(report, report["step"])
+            logged_through = report["step"]
+    return logged_through
 
 
 def _last_line(exc: BaseException) -> str:

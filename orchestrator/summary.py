@@ -16,15 +16,16 @@ def results_table(metrics: dict[str, Any]) -> str:
 
 
 def print_summary(cfg, outcome: dict[str, Any], heading: str | None = None) -> None:
+    from orchestrator.console import CONSOLE
     metrics = outcome["metrics"] or {}
     table = results_table(metrics)
     if table:
-        print()
-        print(heading or f"{cfg.tuning.method} {cfg.backbone.name} {cfg.model.detector} on the validation split "
-                         f"after {metrics.get('step', '?')} iterations:")
-        print(table)
+        CONSOLE.say()
+        CONSOLE.say(heading or f"{cfg.tuning.method} {cfg.backbone.name} {cfg.model.detector} on the validation "
+                               f"split after {metrics.get('step', '?')} iterations:")
+        CONSOLE.say(table)
     if outcome.get("checkpoint"):
-        print(f"\ncheckpoint: {outcome['checkpoint']}")
+        CONSOLE.say(f"\ncheckpoint: {outcome['checkpoint']}")
 
 
 __all__ = ["results_table", "print_summary"]

@@ -33,6 +33,7 @@ from typing import Any, Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from detectors.errors import UserInputError
+from orchestrator.console import CONSOLE
 from orchestrator.config import (ExperimentConfig, apply_overrides, describe_error, read_yaml_mapping,
                                  validate_experiment)
 
@@ -457,6 +458,37 @@ def _trainable(sweep: Sweep, parent_run_id: str | None):
     return tune.with_resources(tune.with_parameters(_run_trial, context=context), resources)
 
 
+def _trial_lines(total: int):
+    """A Tune callback (in this driver): one line as each trial starts and as it ends, with the count.
+    Tune pickles it with its state, so it finds the terminal when called, not when made."""
+    from ray.tune import Callback
+
+    def say(text: str) -> None:
+        from orchestrator.console import CONSOLE
+        CONSOLE.say(text)
+
+    class TrialLines(Callback):
+        def __init__(self):
+            self.ended = 0
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            say(f"trial {trial} started")
+
+        def _ended(self, trial, how: str) -> None:
+            self.ended += 1
+            result = trial.last_result or {}
+            figures = ", ".join(f"{key} {result[key]:.4g}" for key in ("train/loss", "val/bbox/AP") if key in result)
+            say(f"trial {trial} {how} at step {result.get('step', 0)}" + (f" ({figures})" if figures else "")
+                + f"  [{self.ended}/{total} trials ended]")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._ended(trial, "ended")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._ended(trial, "failed")
+    return TrialLines()
+
+
 def _scheduler(sweep: Sweep):
     asha = sweep.cfg.asha
     if asha is None:
@@ -487,8 +519,8 @@ def _parent_run(sweep: Sweep, resuming: bool) -> tuple[Any, str | None]:
     remembered = sweep.storage.path(PARENT_RUN_FILE)
     try:
         if resuming and (run_id := (sweep.storage.read_text(remembered) or "").strip()):
-            print(f"resuming sweep {sweep.name}: MLflow parent run {run_id} "
-                  f"(was {client.get_run(run_id).info.status})", flush=True)
+            CONSOLE.say(f"resuming sweep {sweep.name}: MLflow parent run {run_id} "
+                        f"(was {client.get_run(run_id).info.status})")
             client.update_run(run_id, "RUNNING")
             return client, run_id
         run = client.create_run(experiment_id(client, sweep.base.tracking.experiment, uri), run_name=sweep.name,
@@ -546,7 +578,7 @@ def _close_children(client, sweep: Sweep, results, interrupted: bool, max_t: int
             elif outcome == "unfinished" and status == "RUNNING":
                 client.set_terminated(run_id, "KILLED")
         except Exception as exc:  # noqa: BLE001
-            print(f"warning: MLflow tracking failed for trial {name} ({str(exc).splitlines()[0]})", flush=True)
+            CONSOLE.warn(f"MLflow tracking failed for trial {name} ({str(exc).splitlines()[0]})")
     return counts
 
 
@@ -606,7 +638,8 @@ def run_sweep(sweep: Sweep, compare: bool = True) -> dict[str, Any]:
                     max_concurrent_trials=sweep.cfg.max_concurrent_trials or fits,
                     trial_name_creator=functools.partial(trial_name, sweep.name, _numbered(sweep)),
                     trial_dirname_creator=functools.partial(trial_name, sweep.name, _numbered(sweep))),
-                run_config=tune.RunConfig(name="tune", **storage.ray_kwargs(), verbose=1))
+                run_config=tune.RunConfig(name="tune", **storage.ray_kwargs(), verbose=1,
+                                          callbacks=[_trial_lines(sweep.cfg.num_trials)]))
         results = tuner.fit()
         status = "FINISHED"
     except KeyboardInterrupt:
@@ -625,14 +658,14 @@ def run_sweep(sweep: Sweep, compare: bool = True) -> dict[str, Any]:
             for key, value in counts.items():
                 client.log_metric(parent_run_id, f"trials_{key.replace(' ', '_')}", value)
         except Exception as exc:  # noqa: BLE001
-            print(f"warning: MLflow tracking at {sweep.tracking_uri} failed ({str(exc).splitlines()[0]})", flush=True)
-    print(f"sweep {sweep.name}: {len(results)} trials in {time.time() - started:.0f} s: "
-          + ", ".join(f"{n} {k}" for k, n in counts.items() if n or k != "unfinished"), flush=True)
+            CONSOLE.warn(f"MLflow tracking at {sweep.tracking_uri} failed ({str(exc).splitlines()[0]})")
+    CONSOLE.say(f"sweep {sweep.name}: {len(results)} trials in {time.time() - started:.0f} s: "
+                + ", ".join(f"{n} {k}" for k, n in counts.items() if n or k != "unfinished"))
     if interrupted:
-        print(f"sweep {sweep.name} interrupted: run the same command again to resume it", flush=True)
+        CONSOLE.say(f"sweep {sweep.name} interrupted: run the same command again to resume it")
     for result in results:
         if result.error is not None:
-            print(f"  trial {Path(result.path).name} failed: {str(result.error).strip().splitlines()[-1]}", flush=True)
+            CONSOLE.say(f"  trial {Path(result.path).name} failed: {str(result.error).strip().splitlines()[-1]}")
     outcome = {"parent_run_id": parent_run_id, "tracking_uri": sweep.tracking_uri, "dir": str(sweep.dir),
                "results": results, "counts": counts, "interrupted": interrupted}
     if compare and parent_run_id is not None:
@@ -641,7 +674,7 @@ def run_sweep(sweep: Sweep, compare: bool = True) -> dict[str, Any]:
             outcome["compare"] = compare_runs(sweep.tracking_uri, parent_run_id=parent_run_id,
                                               out=sweep.dir / "compare")
         except UserInputError as exc:
-            print(f"note: no comparison: {exc}", flush=True)
+            CONSOLE.say(f"note: no comparison: {exc}")
     if parent_run_id is not None:
         _terminate(client, parent_run_id, "KILLED" if interrupted else "FAILED" if counts["failed"] else "FINISHED")
     return outcome
@@ -655,7 +688,7 @@ def _terminate(client, run_id: str, status: str) -> None:
     try:
         client.set_terminated(run_id, status)
     except Exception as exc:  # noqa: BLE001
-        print(f"warning: MLflow tracking failed ({str(exc).splitlines()[0]})", flush=True)
+        CONSOLE.warn(f"MLflow tracking failed ({str(exc).splitlines()[0]})")
 
 
 __all__ = ["load_sweep", "run_sweep", "SweepConfig", "Dimension", "AshaConfig", "check_resources"]

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,8 @@ def reachable(uri: str, timeout: float = 3.0) -> bool:
 
 
 def warn_unreachable(uri: str, reason: str) -> None:
-    print(f"warning: MLflow tracking at {uri} is unavailable ({reason}); training continues without it",
-          flush=True)
+    from orchestrator.console import CONSOLE
+    CONSOLE.warn(f"MLflow tracking at {uri} is unavailable ({reason}); training continues without it")
 
 
 def open_client(uri: str) -> tuple[Any, bool]:
@@ -87,8 +88,10 @@ def log_dataset(client, run_id: str, cfg, paths: dict[str, Any]) -> None:
     synthetic = cfg.data.synthetic
     name = (f"synthetic-shapes-{synthetic.num_train}+{synthetic.num_val}" if synthetic is not None
             else Path(paths["train_json"]).stem)
-    dataset = MetaDataset(resolve_dataset_source(str(Path(paths["train_json"]).resolve())), name=name,
-                          digest=digest.hexdigest()[:10])
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": all of them name this file
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(Path(paths["train_json"]).resolve()))
+    dataset = MetaDataset(source, name=name, digest=digest.hexdigest()[:10])
     client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", "train")])])
 
 

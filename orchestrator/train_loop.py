@@ -10,10 +10,13 @@ timeout), not in the process group.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import logging
 import math
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -113,6 +116,7 @@ class _Hooks:
     rank = 0
     world = 1
     save_final_checkpoint = True  # under Ray, the reported checkpoints are the run's record
+    progress = None  # where rank 0 says how far evaluation got (the driver's display), if anywhere
 
     def device(self) -> torch.device:
         return torch.device("cpu")
@@ -182,8 +186,13 @@ class _RayHooks(_Hooks):
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: ``config`` holds the experiment (as a dict) and where to resume from."""
+    # the COCO summaries and other detectors' INFO lines, into the worker's log (the run's log file)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    logging.getLogger("detectors").setLevel(logging.INFO)
     cfg = ExperimentConfig.model_validate(config["experiment"])
-    _train(cfg, _RayHooks(cfg, config.get("resume_from")), config.get("fail_at_step"))
+    hooks = _RayHooks(cfg, config.get("resume_from"))
+    hooks.progress = config.get("progress")
+    _train(cfg, hooks, config.get("fail_at_step"))
 
 
 def train_locally(cfg: ExperimentConfig) -> dict:
@@ -229,8 +238,10 @@ def _train(cfg: ExperimentConfig, hooks: _Hooks, fail_at_step: int | None = None
     metrics: dict[str, float] = {}
     seen: dict[int, set[int]] = {}  # epoch -> images this rank trained on
     step_seconds: list[float] = []
+    # the reports since the last checkpoint, which carries them (the last thousand: the driver lags by a few)
+    unsaved: collections.deque[dict] = collections.deque(maxlen=1000)
     step = start
-    started = tick = time.perf_counter()
+    tick = time.perf_counter()
     while step < total:
         epoch, offset = divmod(step, per_epoch)
         sampler.set_epoch(epoch)
@@ -252,14 +263,11 @@ def _train(cfg: ExperimentConfig, hooks: _Hooks, fail_at_step: int | None = None
             seconds, tick = time.perf_counter() - tick, time.perf_counter()
             step_seconds.append(seconds)
             metrics = {**{f"train/{k}": v for k, v in losses.items()}, "lr": scheduler.get_last_lr()[0],
-                       "seconds_per_iteration": seconds, "epoch": epoch, "step": step, "world_size": world,
+                       "seconds_per_iteration": seconds, "epoch": epoch, "step": step, "iterations": total, "world_size": world,
                        "images_per_step": sum(batch_sizes)}
             metrics["peak_memory_mb"] = peak_memory_mb(device)
             if step == start + 1:  # per-kind sizes are known only now; the driver logs them once
                 metrics["batch_sizes"] = batch_sizes
-            if rank == 0:
-                eta = (time.perf_counter() - started) / (step - start) * (total - step)
-                print(f"iter {step}/{total}  loss {losses['loss']:.4f}  {seconds:.2f} s/iter  eta {eta:.0f} s", flush=True)
             last = step == total
             evaluate_now = last or (cfg.evaluation.period and step % cfg.evaluation.period == 0)
             checkpoint_now = last or (cfg.checkpoint.period and step % cfg.checkpoint.period == 0)
@@ -267,12 +275,16 @@ def _train(cfg: ExperimentConfig, hooks: _Hooks, fail_at_step: int | None = None
                 metrics.update(_run_summary(step_seconds, hooks.gather(seen), hooks.gather(peak_memory_mb(device))))
             if evaluate_now:
                 metrics.update(_evaluate(detector, val_set, device, hooks))
+            report = {k: v for k, v in metrics.items() if isinstance(v, (int, float, list))}
+            unsaved.append({k: v for k, v in report.items() if isinstance(v, (int, float))})
             with tempfile.TemporaryDirectory() as tmp:
                 directory = None
                 if checkpoint_now and rank == 0:
                     directory = save_checkpoint(Path(tmp) / "checkpoint", detector, optimizer, scheduler, step,
-                                                identity)
-                hooks.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, list))}, directory)
+                                                identity, history=list(unsaved))
+                hooks.report(report, directory)
+            if checkpoint_now:
+                unsaved.clear()
             if evaluate_now or checkpoint_now:  # they are not iteration time; a step's own report is
                 tick = time.perf_counter()
             if step >= total:
@@ -286,7 +298,11 @@ def _evaluate(detector, val_set: CocoDetection, device: torch.device, hooks: _Ho
     """Every rank predicts its shard; rank 0 merges the predictions and computes COCO AP once."""
     shard = evaluation_shard(len(val_set), hooks.rank, hooks.world)
     started = time.perf_counter()
-    states = hooks.gather(predict_dataset(detector, val_set, device, indices=shard).get_state())
+    shown = None
+    if hooks.rank == 0 and hooks.progress is not None:
+        from orchestrator.console import evaluation_progress
+        shown = evaluation_progress(hooks.progress, len(shard))
+    states = hooks.gather(predict_dataset(detector, val_set, device, indices=shard, on_batch=shown).get_state())
     metrics = {f"eval_images_rank{rank}": len(state["image_ids"]) for rank, state in enumerate(states)}
     if hooks.rank == 0:
         metrics.update({f"val/{k}": v for k, v in evaluate_shards(val_set, states).items()})

@@ -15,7 +15,9 @@ from orchestrator.config import load_experiment  # noqa: E402
 from orchestrator.run import check_cluster  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[2] / "experiments" / "demo.yaml"
-FAST = ["schedule.iterations=2", "checkpoint.period=0", "data.synthetic.num_train=12", "data.synthetic.num_val=2",
+# the simulated nodes share this machine's disk: storage.shared says so (else the run is refused)
+FAST = ["storage.shared=true", "schedule.iterations=2", "checkpoint.period=0", "data.synthetic.num_train=12",
+        "data.synthetic.num_val=2",
         "scaling.workers=2", "schedule.batch_size={1080ti: 1, v100: 3}"]
 
 

@@ -39,6 +39,15 @@ def test_demo_command_finishes_an_mlflow_run_with_coco_metrics_and_the_adapter_c
         capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mlflow ui --backend-store-uri" in result.stdout and "AP50" in result.stdout
+    # without a terminal: a few lines for the user, each once; Ray's and pycocotools' own output in the log
+    lines = (result.stdout + result.stderr).splitlines()
+    assert len(lines) <= 40, "\n".join(lines)
+    steps = [line for line in lines if line.startswith("step ")]
+    assert [line.split()[1] for line in steps] == ["1/4", "2/4", "3/4", "4/4"]
+    (log_line,) = [line for line in lines if line.startswith("log: ")]
+    log = Path(log_line.removeprefix("log: ")).read_text()
+    assert "TrainController" in log and "creating index" in log and "Average Precision" in log
+    assert "Traceback" not in result.stdout + result.stderr
     client, run = only_run(f"sqlite:///{tmp_path}/mlflow.db", "e3va-demo")
     assert run.info.status == "FINISHED"
     assert run.info.artifact_uri.startswith(tmp_path.resolve().as_uri())  # beside the store, not in ./mlruns
@@ -162,6 +171,8 @@ def test_a_stopped_run_is_continued_by_running_the_command_again(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming from step" in second.stdout + second.stderr
     assert "AP50" in second.stdout and "bbox" in second.stdout and "checkpoint: " in second.stdout  # the run's table
+    lines = (second.stdout + second.stderr).splitlines()
+    assert len(lines) <= 40 and sum("resuming from step" in line for line in lines) == 1, "\n".join(lines)
     client, resumed = only_run(f"sqlite:///{tmp_path}/mlflow.db", "e3va-demo")
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")}

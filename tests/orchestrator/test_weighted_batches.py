@@ -84,8 +84,9 @@ def test_batches_of_1_and_3_on_two_workers_step_like_one_batch_of_4(tmp_path, ra
     model = tiny_e3va()
     reference = sgd_step(model, mean_sample_loss(model, images()[union]))
     distributed = run_two_workers(tmp_path, weighted=True)
+    # float32 sums in another order (two partial gradients all-reduced): ~1e-6 apart, measured up to 1.6e-6
     for name, value in reference.items():
-        torch.testing.assert_close(distributed[name], value, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(distributed[name], value, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     # Without the weights, DDP's plain mean over ranks over-counts the lone sample: not the same step.
     unweighted = run_two_workers(tmp_path, weighted=False)
     assert max((unweighted[n] - v).abs().max().item() for n, v in reference.items()) > 1e-4
