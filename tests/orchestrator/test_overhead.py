@@ -28,7 +28,9 @@ def test_overhead_alternates_both_paths_and_reports_the_ratio_of_their_medians(t
     assert summary, result.stdout
     plain = (speed["1", "plain loop"] + speed["2", "plain loop"]) / 2  # the median of two
     trainer = (speed["1", "TorchTrainer"] + speed["2", "TorchTrainer"]) / 2
-    assert float(summary[1]) == pytest.approx(trainer / plain, abs=2e-3)
+    # the table rounds speeds to 3 decimals: the ratio recomputed from it is that far off
+    rounding = trainer / plain * (0.0005 / plain + 0.0005 / trainer)
+    assert float(summary[1]) == pytest.approx(trainer / plain, abs=2e-3 + rounding)
     by_round = [float(x.rstrip("%")) for x in summary[3].split(", ")]
     expected = [(speed[r, "TorchTrainer"] / speed[r, "plain loop"] - 1) * 100 for r in ("1", "2")]
     assert by_round == pytest.approx(expected, abs=0.6)  # the table shows speeds to 3 decimals
