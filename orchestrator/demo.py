@@ -17,14 +17,15 @@ DEMO_EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "demo
 def run_demo(overrides: Sequence[str] = (), verbose: bool = False) -> dict:
     from orchestrator.config import load_experiment
     from orchestrator.console import CONSOLE, internals_to
-    from orchestrator.run import run_experiment
+    from orchestrator.run import preflight, run_experiment
     from orchestrator.summary import print_summary
     if not DEMO_EXPERIMENT.is_file():
         raise UserInputError(f"the demo experiment {DEMO_EXPERIMENT} is missing: run the demo from a checkout "
                              f"installed with pip install -e .")
     cfg = load_experiment(DEMO_EXPERIMENT, overrides)
+    preflight(cfg)  # bad input is one line before the run's folder and log exist
     with internals_to(cfg.run_dir / "run.log", verbose):
-        outcome = run_experiment(cfg, show_progress=True)
+        outcome = run_experiment(cfg, show_progress=True, checked=True)
         print_summary(cfg, outcome, f"E3VA {cfg.backbone.name} {cfg.model.detector} on the synthetic validation "
                                     f"split after {cfg.schedule.iterations} iterations:")
         uri = outcome["tracking_uri"]

@@ -194,10 +194,13 @@ def worker_user_error(exc: BaseException) -> UserInputError | None:
 
 def run_experiment(cfg: ExperimentConfig, fail_at_step: int | None = None, *,
                    parent_run_id: str | None = None, extra_params: dict[str, Any] | None = None,
-                   callbacks: Sequence[Any] = (), show_progress: bool = False) -> dict[str, Any]:
+                   callbacks: Sequence[Any] = (), show_progress: bool = False,
+                   checked: bool = False) -> dict[str, Any]:
+    """``checked``: the caller ran ``preflight(cfg)`` already (before it wrote anything)."""
     import ray
 
-    preflight(cfg)
+    if not checked:
+        preflight(cfg)
     run_dir = cfg.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run_dir / "experiment.yaml"
