@@ -155,11 +155,6 @@ class Tracker:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._call(self.client.log_artifact, self.run_id, str(path), artifact_path)
 
-    def last_step(self) -> int:
-        """The highest step this run has metrics for (0 for a new run)."""
-        run = self._call(self.client.get_run, self.run_id)
-        return int(run.data.metrics.get("step", 0)) if run is not None else 0
-
 
 def metrics_callback(uri: str, run_id: str, logged_through: int = 0):
     """A Ray Train callback (it runs on the driver's node) that logs rank 0's report of every step
