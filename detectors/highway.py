@@ -269,29 +269,47 @@ class HighwayBackbone(nn.Module):
         self.strides = backbone.strides
         self.size_divisibility = backbone.size_divisibility
 
+    #: Set by ``detectors.sharing.share_backbone``: tasks on one backbone reuse one frozen pass.
+    shared_pass = None
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        frozen = self.shared_pass(images, self.frozen_pass) if self.shared_pass is not None else \
+            self.frozen_pass(images)
+        return self.highway_pass(frozen)
+
+    @torch.no_grad()
+    def frozen_pass(self, images: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """The frozen backbone's computation, which no task changes: the patch embedding l_0 and,
+        per stage, whether it merges patches, its input lane, every block's branch outputs (a, m)
+        and its output lane. The stage's frozen blocks run at once; their branch outputs (which
+        backward keeps anyway) then go through the stage's highway together."""
+        lane = self.backbone.embed(images)
+        embedded, stages = lane, []
+        for stage in self.backbone.layers:
+            merges = not isinstance(stage.downsample, nn.Identity)
+            if merges:
+                lane = stage.downsample(lane)
+            lane_start, branches = lane, []
+            for block in stage.blocks:
+                a = block.attention_branch(lane).contiguous()  # cropped from the padded map
+                lane = lane + a
+                m = block.mlp_branch(lane)
+                lane = lane + m
+                branches.append((a, m))
+            stages.append((merges, lane_start, branches, lane))
+        return embedded, stages
+
+    def highway_pass(self, frozen: tuple[torch.Tensor, list]) -> dict[str, torch.Tensor]:
         # Within a stage the highway is its lead over the backbone, d = e - l: the skips a + m
         # cancel, each block only adds its two adapter outputs, and e = l + d is formed at the
-        # stage's end (stage outputs and patch merging). The frozen blocks of a stage run first;
-        # their branch outputs (which backward keeps anyway) then go through the stage's highway
-        # at once.
-        with torch.no_grad():
-            lane = self.backbone.embed(images)
-        highway = lane  # e_0 = l_0
+        # stage's end (stage outputs and patch merging).
+        highway, stages = frozen  # e_0 = l_0
         outputs = []
-        for stage, adapters in zip(self.backbone.layers, self.highway):
-            if not isinstance(stage.downsample, nn.Identity):
-                with torch.no_grad():
-                    lane = stage.downsample(lane)
+        for stage, adapters, (merges, lane_start, branches, lane_end) in zip(self.backbone.layers, self.highway,
+                                                                             stages):
+            if merges:
                 highway = merge_frozen(stage.downsample, highway)  # the gradient passes, weights stay
-            lane_start, steps = lane, []
-            for block, adapter in zip(stage.blocks, adapters):
-                with torch.no_grad():
-                    a = block.attention_branch(lane).contiguous()  # cropped from the padded map
-                    lane = lane + a
-                    m = block.mlp_branch(lane)
-                    lane = lane + m
-                steps.append((adapter, a, m))
-            highway = highway_stage(highway, steps, lanes=(lane_start, lane))
+            steps = [(adapter, a, m) for adapter, (a, m) in zip(adapters, branches)]
+            highway = highway_stage(highway, steps, lanes=(lane_start, lane_end))
             outputs.append(highway)
         return self.backbone.finish(outputs)

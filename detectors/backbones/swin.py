@@ -214,7 +214,16 @@ class SwinBackbone(nn.Module):
         return {name: norm(x).permute(0, 3, 1, 2).contiguous()
                 for name, norm, x in zip(OUT_FEATURES, self.output_norms, stage_outputs)}
 
+    #: Set by ``detectors.sharing.share_backbone`` where every weight here is frozen (FIXED): then
+    #: tasks on this backbone compute the same features and reuse one forward.
+    shared_pass = None
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.shared_pass is not None:
+            return dict(self.shared_pass(images, self._features))
+        return self._features(images)
+
+    def _features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.finish(self.stage_outputs(images))
 
 
