@@ -13,7 +13,6 @@ from torch import nn
 from detectors.data.coco import CocoDetection, collate_fn
 from detectors.errors import UserInputError
 from detectors.evaluation import CocoEvaluator
-from detectors.evaluation.postprocess import rescale_prediction
 
 
 def move_batch(images: Sequence[torch.Tensor], targets: Sequence[dict], device: torch.device):
@@ -64,12 +63,10 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: Se
 @torch.no_grad()
 def predict_for_eval(detector, images: Sequence[torch.Tensor], targets: Sequence[dict]) -> list[dict]:
     """Predictions in the original image frame, keyed by image id, ready for ``CocoEvaluator``."""
-    outputs = []
-    for image, target, pred in zip(images, targets, detector.predict(list(images))):
-        pred = {k: v.float().cpu() if torch.is_tensor(v) else v for k, v in pred.items()}
-        pred = rescale_prediction(pred, tuple(image.shape[-2:]), tuple(target["orig_size"]))
-        outputs.append({**pred, "image_id": int(target["image_id"])})
-    return outputs
+    sizes = [tuple(int(v) for v in target["orig_size"]) for target in targets]
+    predictions = detector.predict(list(images), output_sizes=sizes)
+    return [{**{k: v.cpu() for k, v in pred.items()}, "image_id": int(target["image_id"])}
+            for target, pred in zip(targets, predictions)]
 
 
 def evaluation_shard(num_images: int, rank: int, world: int) -> range:

@@ -9,7 +9,7 @@ train; the backbone trains as its tuning method decided when it was built.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -60,5 +60,14 @@ class Detector(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def predict(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    def predict(self, images: list[torch.Tensor],
+                output_sizes: Sequence[tuple[int, int]] | None = None) -> list[dict[str, torch.Tensor]]:
+        """Per image: ``boxes`` (N x 4, x1 y1 x2 y2), ``scores``, ``labels`` (1..K) and, for mask
+        detectors, ``masks`` (N x 1 x H x W, bool).
+
+        The predictions are in the frame of ``output_sizes[i]`` (H, W), the image's size before the
+        data pipeline resized it, or in the input's frame when it is None. Masks are pasted at that
+        size and binarised exactly as the framework the detector comes from does it, so the
+        figures match that framework's own evaluation.
+        """
         raise NotImplementedError

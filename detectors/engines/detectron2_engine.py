@@ -30,7 +30,7 @@ import torch
 import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
-from detectron2.layers import ShapeSpec, paste_masks_in_image
+from detectron2.layers import ShapeSpec
 from detectron2.modeling import (BACKBONE_REGISTRY, FPN, Backbone, GeneralizedRCNN, RetinaNet,
                                  build_anchor_generator, build_proposal_generator, build_roi_heads)
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
@@ -300,11 +300,14 @@ class Detectron2Detector(Detector):
     def backbone(self) -> nn.Module:
         return self.model.backbone.bottom_up.body
 
-    def _inputs(self, images: Sequence[torch.Tensor], targets: Sequence[dict] | None = None) -> list[dict]:
+    def _inputs(self, images: Sequence[torch.Tensor], targets: Sequence[dict] | None = None,
+                output_sizes: Sequence[tuple[int, int]] | None = None) -> list[dict]:
         inputs = []
         for i, image in enumerate(images):
             height, width = image.shape[-2:]
-            item = {"image": image * 255.0, "height": int(height), "width": int(width)}
+            # "height"/"width": the frame detectron2's postprocess maps the predictions to.
+            out_height, out_width = output_sizes[i] if output_sizes else (height, width)
+            item = {"image": image * 255.0, "height": int(out_height), "width": int(out_width)}
             if targets is not None:
                 item["instances"] = self._instances(targets[i], (int(height), int(width)))
             inputs.append(item)
@@ -332,28 +335,22 @@ class Detectron2Detector(Detector):
             return self.model(inputs)
 
     @torch.no_grad()
-    def predict(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    def predict(self, images: list[torch.Tensor],
+                output_sizes: Sequence[tuple[int, int]] | None = None) -> list[dict[str, torch.Tensor]]:
         was_training = self.training
         self.eval()
         try:
-            inputs = self._inputs(images)
-            if isinstance(self.model, GeneralizedRCNN):
-                # Raw instances: detectron2's postprocess would threshold the masks to booleans.
-                results = self.model.inference(inputs, do_postprocess=False)
-            else:
-                results = [out["instances"] for out in self.model(inputs)]
-            return [self._prediction(result, tuple(image.shape[-2:])) for result, image in zip(results, images)]
+            # detectron2's own inference and postprocess (detector_postprocess): boxes scaled to
+            # "height" x "width" and clipped, empty boxes dropped, masks pasted there at >= 0.5.
+            outputs = self.model(self._inputs(images, output_sizes=output_sizes))
         finally:
             self.train(was_training)
+        return [self._prediction(out["instances"]) for out in outputs]
 
-    def _prediction(self, result: Instances, size: tuple[int, int]) -> dict[str, torch.Tensor]:
-        result.pred_boxes.clip(size)
-        result = result[result.pred_boxes.nonempty()]
+    def _prediction(self, result: Instances) -> dict[str, torch.Tensor]:
         out = {"boxes": result.pred_boxes.tensor, "scores": result.scores, "labels": result.pred_classes + 1}
         if self.has_masks:
-            # Soft masks pasted into the image (threshold < 0 keeps them as 0..255).
-            pasted = paste_masks_in_image(result.pred_masks[:, 0], result.pred_boxes, size, threshold=-1)
-            out["masks"] = pasted[:, None].float().div_(255.0)
+            out["masks"] = result.pred_masks[:, None]
         return out
 
 

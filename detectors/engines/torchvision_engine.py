@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -49,8 +49,15 @@ class _NormaliseAndPad(GeneralizedRCNNTransform):
         super().__init__(min_size=800, max_size=1333, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
                          size_divisible=size_divisible)
 
+    #: Set by ``TorchvisionDetector.predict`` for one call: the frame to paste the predictions in.
+    output_sizes: list[tuple[int, int]] | None = None
+
     def resize(self, image, target=None):
         return image, target
+
+    def postprocess(self, result, image_shapes, original_image_sizes):
+        # torchvision's own postprocess: boxes scaled and soft masks pasted at the given sizes.
+        return super().postprocess(result, image_shapes, self.output_sizes or original_image_sizes)
 
 
 def _mask_rcnn(body: nn.Module, num_classes: int, **options) -> nn.Module:
@@ -96,13 +103,22 @@ class TorchvisionDetector(Detector):
         return self.model(images, targets)
 
     @torch.no_grad()
-    def predict(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    def predict(self, images: list[torch.Tensor],
+                output_sizes: Sequence[tuple[int, int]] | None = None) -> list[dict[str, torch.Tensor]]:
         was_training = self.training
         self.eval()
+        transform = self.model.transform
+        transform.output_sizes = [tuple(map(int, size)) for size in output_sizes] if output_sizes else None
         try:
-            return self.model(images)
+            predictions = self.model(images)
         finally:
+            transform.output_sizes = None
             self.train(was_training)
+        for prediction in predictions:
+            if "masks" in prediction:
+                # As torchvision's reference COCO evaluation binarises them (references/detection).
+                prediction["masks"] = prediction["masks"] > 0.5
+        return predictions
 
 
 def build_torchvision_detector(detector: str, backbone: nn.Module, num_classes: int,

@@ -1,6 +1,5 @@
 """Detection metrics (COCO AP for boxes and masks) on top of pycocotools."""
 
 from detectors.evaluation.coco_eval import METRIC_NAMES, CocoEvaluator, summarize_table
-from detectors.evaluation.postprocess import rescale_prediction
 
-__all__ = ["METRIC_NAMES", "CocoEvaluator", "rescale_prediction", "summarize_table"]
+__all__ = ["METRIC_NAMES", "CocoEvaluator", "summarize_table"]

@@ -150,11 +150,12 @@ def test_a_user_error_inside_a_worker_reaches_the_command_line_as_one_line():
 
 def test_a_stopped_run_is_continued_by_running_the_command_again(tmp_path):
     """SIGTERM (``ray job stop``, a scheduler) ends the MLflow run as KILLED; the same command then
-    resumes from the newest checkpoint into the same MLflow run and finishes it."""
+    resumes from the newest checkpoint into the same MLflow run and finishes it. Two workers, so what
+    the terminal shows is counted for a multi-worker run too."""
     import signal
     import time
     args = [sys.executable, "-m", "orchestrator", "run", str(DEMO), *sum((["--set", s] for s in FAST), []),
-            "--set", "schedule.iterations=8", "--set", f"output_dir={tmp_path}",
+            "--set", "schedule.iterations=8", "--set", "scaling.workers=2", "--set", f"output_dir={tmp_path}",
             "--set", f"data.synthetic.root={tmp_path}/synthetic"]
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 600
@@ -173,6 +174,8 @@ def test_a_stopped_run_is_continued_by_running_the_command_again(tmp_path):
     assert "AP50" in second.stdout and "bbox" in second.stdout and "checkpoint: " in second.stdout  # the run's table
     lines = (second.stdout + second.stderr).splitlines()
     assert len(lines) <= 40 and sum("resuming from step" in line for line in lines) == 1, "\n".join(lines)
+    shown = [line.split()[1] for line in lines if line.startswith("step ")]
+    assert shown and len(shown) == len(set(shown)) and shown[-1] == "8/8", "\n".join(lines)  # rank 0's, once each
     client, resumed = only_run(f"sqlite:///{tmp_path}/mlflow.db", "e3va-demo")
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")}

@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from detectors.data import CocoDetection, build_transforms, collate_fn, make_synthetic_coco
 from detectors.engines import ENGINES, build_detector
@@ -77,6 +78,40 @@ def test_e3va_detector_loss_falls_and_evaluation_reports_coco_figures(detector, 
     prediction = model.predict([val[0][0]])[0]
     assert {"boxes", "scores", "labels"} <= set(prediction)
     assert ("masks" in prediction) == (detector == "mask_rcnn")
+
+
+@pytest.mark.parametrize("detector", ["mask_rcnn", "retinanet"])
+def test_predictions_in_the_original_frame_are_torchvisions_own(detector, synthetic):
+    # torchvision's stock transform resizes the original image itself and pastes the soft masks back
+    # at the original size; its reference COCO evaluation keeps mask probabilities > 0.5. The project
+    # gets the resized image from its data pipeline and asks predict for the original frame: the
+    # boxes and binary masks must be the same. An untrained head puts many mask probabilities near
+    # 0.5, where a quantised threshold (128/255) would differ.
+    torch.manual_seed(0)
+    score_options = {"retinanet": dict(score_thresh=0.0)}.get(detector, dict(box_score_thresh=0.0))
+    model = build_detector("torchvision", detector, 3, "swin_t", "e3va",
+                           detector_options={**options(detector), **score_options}, **TINY).eval()
+    original = torch.rand(3, 60, 90)
+    # torchvision normalises before it resizes; an identity normalisation makes the order exact
+    model.model.transform.image_mean, model.model.transform.image_std = [0.0] * 3, [1.0] * 3
+    stock = GeneralizedRCNNTransform(min_size=96, max_size=160, image_mean=[0.0] * 3, image_std=[1.0] * 3,
+                                     size_divisible=32).eval()
+    resized, _ = stock.resize(original)
+    assert resized.shape[-2:] != original.shape[-2:]
+    ours = model.predict([resized], output_sizes=[tuple(original.shape[-2:])])[0]
+    model.model.transform = stock
+    with torch.no_grad():
+        theirs = model.model([original])[0]
+    assert len(theirs["scores"]) > 0
+    assert torch.equal(ours["labels"], theirs["labels"]) and torch.equal(ours["scores"], theirs["scores"])
+    torch.testing.assert_close(ours["boxes"], theirs["boxes"], rtol=0, atol=1e-4)
+    if detector == "mask_rcnn":
+        near_half = ((theirs["masks"] - 0.5).abs() < 2e-3).sum()
+        assert near_half > 0  # the case a 0..255 paste gets wrong
+        assert ours["masks"].dtype == torch.bool and ours["masks"].shape == (len(theirs["scores"]), 1, 60, 90)
+        assert torch.equal(ours["masks"], theirs["masks"] > 0.5)
+    else:
+        assert "masks" not in ours
 
 
 def test_unknown_engine_and_detector_are_one_line_errors():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from detectors.data import CocoDetection, make_synthetic_coco
-from detectors.evaluation import CocoEvaluator, rescale_prediction, summarize_table
+from detectors.evaluation import CocoEvaluator, summarize_table
 from detectors.errors import UserInputError
 
 
@@ -92,14 +92,3 @@ def test_bad_inputs_are_named(dataset, tmp_path):
     with pytest.raises(UserInputError, match="predicted label 8"):
         evaluator.update([{"image_id": dataset.ids[0], "boxes": torch.ones(1, 4),
                            "scores": [0.5], "labels": [8]}])
-
-
-def test_rescale_prediction_maps_back_to_original_size():
-    masks = torch.zeros(1, 1, 50, 100)
-    masks[0, 0, 10:20, 5:15] = 1.0
-    pred = {"boxes": torch.tensor([[5.0, 10.0, 15.0, 20.0]]), "masks": masks, "labels": [1]}
-    out = rescale_prediction(pred, (50, 100), (100, 200))
-    assert out["boxes"].tolist() == [[10.0, 20.0, 30.0, 40.0]] and out["labels"] == [1]
-    binary = out["masks"][0, 0] > 0.5
-    ys, xs = np.nonzero(binary.numpy())
-    assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (10, 20, 30, 40)
