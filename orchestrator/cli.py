@@ -109,6 +109,38 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from orchestrator.console import internals_to, verbose_requested
+    from orchestrator.use import evaluate_run
+    with internals_to(_scratch_log("evaluate"), verbose_requested(args.verbose), announce=not args.json):
+        evaluate_run(args.run, data=args.data, overrides=args.set, weights=args.weights,
+                     tracking_uri=args.tracking_uri, out=args.out, as_json=args.json, log=args.log)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from orchestrator.console import internals_to, verbose_requested
+    from orchestrator.use import predict_images
+    with internals_to(_scratch_log("predict"), verbose_requested(args.verbose)):
+        predict_images(args.runs, args.images, args.out, score_threshold=args.score_threshold, weights=args.weights,
+                       tracking_uri=args.tracking_uri)
+    return 0
+
+
+def _scratch_log(command: str):
+    import tempfile
+    from pathlib import Path
+    return Path(tempfile.gettempdir()) / f"e3va-{command}.log"
+
+
+def _add_trained_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", default=None, metavar="FILE",
+                        help="the frozen backbone's weights (default: the experiment's backbone.weights)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI for runs:/<run_id> (default: $MLFLOW_TRACKING_URI)")
+    parser.add_argument("--verbose", action="store_true", help="show pycocotools' and MLflow's output too")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -189,6 +221,28 @@ def build_parser() -> argparse.ArgumentParser:
                       help="memory kept free on each GPU (CUDA context, fragmentation; default 0.5)")
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
     plan.set_defaults(func=_cmd_plan)
+
+    evaluate = commands.add_parser("evaluate", help="COCO figures of a trained run's model, again or on other data")
+    evaluate.add_argument("run", help="a run directory, a checkpoint directory or runs:/<run_id>")
+    evaluate.add_argument("--data", nargs=2, default=None, metavar=("IMAGES", "ANNOTATIONS"),
+                          help="a COCO dataset: image folder and annotation file (default: the run's validation split)")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                          help="override a field of the run's experiment, e.g. data.test_short_edge=640")
+    evaluate.add_argument("--out", default=None, metavar="FILE",
+                          help="the evaluation JSON (default: evaluation-again.json in the run directory)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object, named as in MLflow")
+    evaluate.add_argument("--log", action="store_true", help="log the figures to the run's MLflow run as evaluate_*")
+    _add_trained_arguments(evaluate)
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+    predict = commands.add_parser("predict", help="detections of trained runs on images: JSON and pictures; "
+                                                  "several runs share one frozen backbone")
+    predict.add_argument("runs", nargs="+", help="run directories, checkpoint directories or runs:/<run_id>")
+    predict.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files or folders")
+    predict.add_argument("--out", required=True, metavar="DIR", help="where <task>/<image>.json and .png go")
+    predict.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring at least this")
+    _add_trained_arguments(predict)
+    predict.set_defaults(func=_cmd_predict)
 
     demo = commands.add_parser("demo", help="train an E3VA detector on synthetic data via local Ray and MLflow")
     demo.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",

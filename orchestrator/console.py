@@ -59,12 +59,14 @@ def verbose_requested(flag: bool = False) -> bool:
 
 
 @contextlib.contextmanager
-def internals_to(log_path: Path, verbose: bool = False) -> Iterator[Path]:
+def internals_to(log_path: Path, verbose: bool = False, announce: bool = True) -> Iterator[Path]:
     """Send what fds 1 and 2 receive to ``log_path`` (appended) while the block runs; ``CONSOLE`` keeps the
-    terminal. With ``verbose`` nothing moves: the log path is still said, and the terminal shows all."""
+    terminal. With ``verbose`` nothing moves: the log path is still said (unless not ``announce``: output
+    a program reads), and the terminal shows all."""
     log_path = Path(log_path).resolve()
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    CONSOLE.say(f"log: {log_path}")
+    if announce:
+        CONSOLE.say(f"log: {log_path}")
     CONSOLE.log_path = log_path
     if verbose:
         yield log_path

@@ -52,9 +52,14 @@ def build_datasets(cfg: ExperimentConfig) -> tuple[CocoDetection, CocoDetection]
     d = cfg.data
     train = CocoDetection(paths["train_images"], paths["train_json"],
                           build_transforms(True, d.train_short_edges, d.max_size, flip_prob=d.flip))
-    val = CocoDetection(paths["val_images"], paths["val_json"],
-                        build_transforms(False, test_short_edge=d.test_short_edge, max_size=d.max_size))
-    return train, val
+    return train, build_val_dataset(cfg, paths)
+
+
+def build_val_dataset(cfg: ExperimentConfig, paths: dict[str, Any] | None = None) -> CocoDetection:
+    paths = paths or dataset_paths(cfg)
+    d = cfg.data
+    return CocoDetection(paths["val_images"], paths["val_json"],
+                         build_transforms(False, test_short_edge=d.test_short_edge, max_size=d.max_size))
 
 
 def build_model(cfg: ExperimentConfig, num_classes: int):
@@ -216,7 +221,10 @@ def _train(cfg: ExperimentConfig, hooks: _Hooks, fail_at_step: int | None = None
     train_set, val_set = build_datasets(cfg)
     detector = build_model(cfg, train_set.num_classes).to(device)
     check_num_classes(train_set, train_set.num_classes)
-    identity = run_identity(cfg, detector)
+    # the classes travel with the checkpoint: predict and serve name them without the dataset
+    identity = {**run_identity(cfg, detector),
+                "classes": [{"id": train_set.label_to_cat_id[label], "name": name}
+                            for label, name in enumerate(train_set.class_names, start=1)]}
     model = hooks.wrap(detector)
     # fused: one kernel over all parameters (CPU and CUDA), where the default runs ~10 ops per tensor
     optimizer = torch.optim.AdamW([p for p in detector.parameters() if p.requires_grad],

@@ -1,0 +1,253 @@
+"""Using what was trained: ``evaluate`` a run's model again, ``predict`` with pictures.
+
+Both load through ``orchestrator.trained``; ``predict`` with several runs holds their frozen
+backbone once and, for E3VA and FIXED, runs it once per image for all of them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tabulate import tabulate
+
+from detectors.errors import UserInputError
+from orchestrator.console import CONSOLE
+from orchestrator.summary import results_table
+from orchestrator.trained import TrainedTask, load_tasks, load_trained
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate
+
+
+def evaluate_run(source: str, *, data: Sequence[str] | None = None, overrides: Sequence[str] = (),
+                 weights: str | None = None, tracking_uri: str | None = None, out: str | None = None,
+                 as_json: bool = False, log: bool = False, batch_size: int = 2) -> dict[str, float]:
+    """COCO figures of the run's model on its validation split, or on ``data`` = (images, annotations)."""
+    if data is not None:
+        images, annotations = data
+        overrides = [*overrides, "data.synthetic=null", f"data.train_images={images}", f"data.train_json={annotations}",
+                     f"data.val_images={images}", f"data.val_json={annotations}"]
+        for what, path in (("--data images", images), ("--data annotations", annotations)):
+            if not Path(path).exists():
+                raise UserInputError(f"{what}: {path} does not exist")
+    task = load_trained(source, weights=weights, tracking_uri=tracking_uri, overrides=overrides)
+    from detectors.training import predict_dataset
+    from orchestrator.train_loop import build_val_dataset
+    val = build_val_dataset(task.cfg)
+    _check_classes(task, val)
+    # the run's workers computed with cpus_per_worker threads; the same arithmetic gives the same figures
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(task.cfg.scaling.cpus_per_worker)))
+    try:
+        from tqdm import tqdm
+        with tqdm(total=len(val), unit="image", desc="evaluating", disable=not CONSOLE.isatty(), leave=False) as bar:
+            figures = predict_dataset(task.detector, val, batch_size=batch_size,
+                                      on_batch=lambda done: bar.update(done - bar.n)).evaluate()
+    finally:
+        torch.set_num_threads(threads)
+    named = {f"val/{k}": v for k, v in figures.items()}
+    report = {k.replace("/", "_"): v for k, v in named.items()}
+    destination = Path(out) if out else _default_evaluation_file(source)
+    _write_atomically(destination, json.dumps(report, indent=2))
+    if as_json:
+        CONSOLE.say(json.dumps(report))
+    else:
+        CONSOLE.say(f"{task.name} ({task.cfg.tuning.method} {task.cfg.backbone.name} {task.cfg.model.detector}) on "
+                    f"{task.cfg.data.val_json or 'the synthetic validation split'}:")
+        CONSOLE.say(results_table(named))
+        CONSOLE.say(f"\nevaluation: {destination}")
+    if log:
+        _log_to_run(source, tracking_uri, figures)
+    return report
+
+
+def _default_evaluation_file(source: str) -> Path:
+    if source.startswith("runs:/"):
+        return Path(f"evaluation-{source.removeprefix('runs:/').strip('/').split('/')[0]}.json")
+    return Path(source) / "evaluation-again.json"
+
+
+def _log_to_run(source: str, tracking_uri: str | None, figures: dict[str, float]) -> None:
+    """The figures into the run they came from, as ``evaluate_bbox_AP``..., beside its ``val_`` ones."""
+    from orchestrator.tracking import Tracker
+    if source.startswith("runs:/"):
+        run_id, uri = source.removeprefix("runs:/").strip("/").split("/")[0], tracking_uri
+    else:
+        from orchestrator.config import load_experiment
+        from orchestrator.run import remembered_run_id
+        from orchestrator.tracking import default_uri
+        cfg = load_experiment(_experiment_of(source))
+        uri = tracking_uri or cfg.tracking.uri or default_uri(cfg.run_dir.resolve())
+        run_id = remembered_run_id(cfg)
+        if run_id is None:
+            raise UserInputError(f"--log: {source} does not record its MLflow run (give runs:/<run_id>)")
+    Tracker(uri, run_id).log_metrics({f"evaluate/{k}": v for k, v in figures.items()}, step=0)
+    CONSOLE.say(f"logged to MLflow run {run_id} as evaluate_*")
+
+
+def _experiment_of(source: str) -> Path:
+    from orchestrator.trained import EXPERIMENT_FILE
+    for folder in (Path(source), *Path(source).resolve().parents):
+        if (folder / EXPERIMENT_FILE).is_file():
+            return folder / EXPERIMENT_FILE
+    raise UserInputError(f"{source}: no {EXPERIMENT_FILE} here or above")
+
+
+def _check_classes(task: TrainedTask, val) -> None:
+    if val.num_classes != len(task.classes):
+        raise UserInputError(f"{val.ann_file} has {val.num_classes} categories, the model {task.source} was trained "
+                             f"for {len(task.classes)}")
+
+
+# --------------------------------------------------------------------------------------------
+# predict
+
+
+def predict_images(sources: Sequence[str], images: Sequence[str], out: str, *, score_threshold: float = 0.5,
+                   weights: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Per task and image, ``<out>/<task>/<image>.json`` (COCO results) and ``.png`` (what was found, drawn)."""
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms.functional import pil_to_tensor
+    files = _image_files(images)
+    pictures = []
+    for path in files:  # every image decodes before anything is written
+        try:
+            with Image.open(path) as opened:
+                pictures.append(pil_to_tensor(opened.convert("RGB")))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise UserInputError(f"{path}: cannot decode it as an image ({str(exc).splitlines()[0][:120]})") from None
+    tasks, shared = load_tasks(sources, weights=weights, tracking_uri=tracking_uri)
+    _print_storage(tasks)
+    staging = Path(tempfile.mkdtemp(prefix=".predict-", dir=_parent_of(out)))
+    try:
+        from tqdm import tqdm
+        progress = tqdm(total=len(files), unit="image", disable=not CONSOLE.isatty(), leave=False)
+        for index, (path, picture) in enumerate(zip(files, pictures), start=1):
+            for task in tasks:
+                results = predict_one(task, picture, image_id=index, score_threshold=score_threshold)
+                folder = staging / task.name
+                folder.mkdir(exist_ok=True)
+                (folder / f"{path.stem}.json").write_text(json.dumps(results))
+                render(picture, results, task).save(folder / f"{path.stem}.png")
+            shared.clear()
+            progress.update()
+        progress.close()
+        _publish(staging, Path(out))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    CONSOLE.say(f"predictions for {len(files)} image(s) by {len(tasks)} task(s) in {out}/"
+                f"{{{','.join(t.name for t in tasks)}}}/")
+    return {"tasks": [t.name for t in tasks], "images": [str(f) for f in files], "frozen_passes": shared.computed}
+
+
+def predict_one(task: TrainedTask, picture: torch.Tensor, *, image_id: int = 1,
+                score_threshold: float = 0.5) -> list[dict[str, Any]]:
+    """COCO results (``loadRes`` reads them) of ``task`` on one uint8 C x H x W picture, plus category names."""
+    from pycocotools import mask as mask_utils
+    from detectors.data.transforms import build_transforms
+    d = task.cfg.data
+    resize = build_transforms(False, test_short_edge=d.test_short_edge, max_size=d.max_size)
+    height, width = picture.shape[-2:]
+    image, _ = resize(picture.float() / 255.0, {"boxes": torch.zeros(0, 4)})
+    prediction = task.detector.predict([image], output_sizes=[(height, width)])[0]
+    keep = prediction["scores"] >= score_threshold
+    results = []
+    masks = prediction.get("masks")
+    for i in torch.nonzero(keep).flatten().tolist():
+        x1, y1, x2, y2 = prediction["boxes"][i].tolist()
+        label = int(prediction["labels"][i])
+        category = task.classes[label - 1]
+        item = {"image_id": image_id, "category_id": category["id"], "category_name": category["name"],
+                "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(prediction["scores"][i])}
+        if masks is not None:
+            rle = mask_utils.encode(np.asfortranarray(masks[i, 0].numpy().astype(np.uint8)))
+            item["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+        results.append(item)
+    return results
+
+
+def render(picture: torch.Tensor, results: list[dict[str, Any]], task: TrainedTask):
+    """The picture with each result's mask overlaid and its box, name and score drawn (torchvision's utilities)."""
+    from pycocotools import mask as mask_utils
+    from torchvision.transforms.functional import to_pil_image
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+    drawn = picture
+    colours = [_colour(r["category_id"]) for r in results]
+    if results and "segmentation" in results[0]:
+        masks = torch.from_numpy(np.stack([mask_utils.decode({**r["segmentation"],
+                                                              "counts": r["segmentation"]["counts"].encode()})
+                                           for r in results]).astype(bool))
+        drawn = draw_segmentation_masks(drawn, masks, alpha=0.45, colors=colours)
+    if results:
+        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in results)])
+        labels = [f"{r['category_name']} {r['score']:.2f}" for r in results]
+        drawn = draw_bounding_boxes(drawn, boxes, labels=labels, colors=colours, width=2)
+    return to_pil_image(drawn)
+
+
+def _colour(category_id: int) -> tuple[int, int, int]:
+    palette = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+               (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
+    return palette[category_id % len(palette)]
+
+
+def _print_storage(tasks: list[TrainedTask]) -> None:
+    """The papers' storage argument, measured: what each task stores against a fully fine-tuned copy,
+    for the backbone (what the methods differ in) and the whole detector (the heads train in all)."""
+    def mb(n: int) -> str:
+        return f"{n / 2**20:.2f}"
+    rows = [[t.name, t.cfg.tuning.method, mb(t.trained_bytes(backbone_only=True)), mb(t.full_bytes(backbone_only=True)),
+             mb(t.trained_bytes()), mb(t.full_bytes())] for t in tasks]
+    CONSOLE.say(tabulate(rows, headers=["task", "method", "backbone trained MB", "backbone full MB",
+                                        "detector trained MB", "detector full MB"], disable_numparse=True))
+
+
+def _image_files(images: Sequence[str]) -> list[Path]:
+    files: list[Path] = []
+    for item in images:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserInputError(f"--images: {item} does not exist")
+    if not files:
+        raise UserInputError(f"--images: no images in {', '.join(images)}")
+    stems = [f.stem for f in files]
+    twice = sorted({s for s in stems if stems.count(s) > 1})
+    if twice:
+        raise UserInputError(f"--images: two images named {twice[0]} (their outputs would overwrite each other)")
+    return files
+
+
+def _parent_of(out: str) -> Path:
+    parent = Path(out).resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return parent
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move every finished file into ``out`` (made if need be); files already there stay unless replaced."""
+    out.mkdir(parents=True, exist_ok=True)
+    for folder in staging.iterdir():
+        (out / folder.name).mkdir(exist_ok=True)
+        for file in folder.iterdir():
+            os.replace(file, out / folder.name / file.name)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)

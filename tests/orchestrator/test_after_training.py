@@ -1,0 +1,128 @@
+"""After training: a finished demo run's model evaluated again, predicting with pictures, several
+tasks on one frozen backbone, and bad input answered in one line."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray")
+mlflow = pytest.importorskip("mlflow")
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+DEMO = Path(__file__).resolve().parents[2] / "experiments" / "demo.yaml"
+FAST = ["schedule.iterations=4", "checkpoint.period=2", "schedule.batch_size=2",
+        "data.synthetic.num_train=16", "data.synthetic.num_val=4"]
+
+
+def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One demo run, trained through Ray and MLflow as a user runs it."""
+    root = tmp_path_factory.mktemp("finished")
+    result = cli("run", str(DEMO), *sum((["--set", s] for s in FAST), []), "--set", f"output_dir={root}",
+                 "--set", f"data.synthetic.root={root}/synthetic", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("e3va-demo").experiment_id])
+    return {"root": root, "run_dir": root / "demo", "uri": uri, "run": run, "val": root / "synthetic" / "val"}
+
+
+def logged_figures(run) -> dict[str, float]:
+    return {k: v for k, v in run.data.metrics.items() if k.startswith(("val_bbox_", "val_segm_"))}
+
+
+def assert_same_figures(ours: dict, theirs: dict) -> None:
+    assert ours.keys() == theirs.keys() and len(ours) >= 12
+    for key, value in theirs.items():
+        assert (math.isnan(value) and math.isnan(ours[key])) or abs(ours[key] - value) <= 1e-6, key
+
+
+def test_evaluate_reproduces_the_figures_the_run_logged(finished):
+    result = cli("evaluate", str(finished["run_dir"]), "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_figures(json.loads(result.stdout), logged_figures(finished["run"]))
+    assert (finished["run_dir"] / "evaluation-again.json").is_file()
+
+
+def test_evaluate_an_mlflow_run_and_log_the_figures_to_it(finished, tmp_path):
+    run_id = finished["run"].info.run_id
+    result = cli("evaluate", f"runs:/{run_id}", "--tracking-uri", finished["uri"], "--out", str(tmp_path / "e.json"),
+                 "--log")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "AP50" in result.stdout and "segm" in result.stdout  # the demo's table
+    written = json.loads((tmp_path / "e.json").read_text())
+    assert_same_figures(written, logged_figures(finished["run"]))
+    metrics = MlflowClient(finished["uri"]).get_run(run_id).data.metrics
+    assert abs(metrics["evaluate_bbox_AP"] - metrics["val_bbox_AP"]) <= 1e-6
+
+
+def test_predict_writes_coco_results_and_pictures_with_the_boxes_drawn(finished, tmp_path):
+    from PIL import Image
+    from pycocotools.coco import COCO
+
+    from orchestrator.use import predict_images
+    images = sorted(finished["val"].glob("*.png"))
+    predict_images([str(finished["run_dir"])], [str(finished["val"])], str(tmp_path / "out"), score_threshold=0.3)
+    gt = COCO()
+    gt.dataset = {"images": [{"id": i, "width": 160, "height": 128} for i in range(1, len(images) + 1)],
+                  "categories": [{"id": c, "name": str(c)} for c in (1, 2, 3)], "annotations": []}
+    gt.createIndex()
+    drawn_any = False
+    for image_id, path in enumerate(images, start=1):
+        results = json.loads((tmp_path / "out" / "demo" / f"{path.stem}.json").read_text())
+        if results:
+            loaded = gt.loadRes(results)  # pycocotools reads them as results
+            assert len(loaded.anns) == len(results)
+            assert all(r["category_name"] in {"circle", "square", "triangle"} and r["score"] >= 0.3 for r in results)
+        original = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        picture = np.asarray(Image.open(tmp_path / "out" / "demo" / f"{path.stem}.png")).astype(int)
+        assert picture.shape == original.shape
+        near = np.zeros(original.shape[:2], bool)
+        for x, y, w, h in (r["bbox"] for r in results):
+            x1, y1 = max(int(x) - 3, 0), max(int(y) - 3, 0)
+            near[y1:int(y + h) + 4, x1:int(x + w) + 4] = True
+            left, middle = int(round(x)), int(y + h / 2)
+            assert (picture[middle, left] != original[middle, left]).any()  # on the box's left edge
+            drawn_any = True
+        assert (picture[~near] == original[~near]).all()  # nothing drawn away from every box
+    assert drawn_any
+
+
+def test_three_tasks_share_one_frozen_pass_and_predict_as_alone(finished, tmp_path):
+    from orchestrator.use import predict_images
+    val = str(finished["val"])
+    alone = predict_images([str(finished["run_dir"])], [val], str(tmp_path / "alone"), score_threshold=0.0)
+    together = predict_images([str(finished["run_dir"])] * 3, [val], str(tmp_path / "together"), score_threshold=0.0)
+    assert together["tasks"] == ["demo-1", "demo-2", "demo-3"]
+    assert alone["frozen_passes"] == together["frozen_passes"] == len(together["images"])  # once per image
+    for path in (tmp_path / "alone" / "demo").glob("*.json"):
+        for task in together["tasks"]:
+            assert (tmp_path / "together" / task / path.name).read_text() == path.read_text()
+
+
+def test_bad_input_is_one_line_and_writes_nothing(finished, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    out = tmp_path / "out"
+    result = cli("predict", str(finished["run_dir"]), "--images", str(broken), "--out", str(out))
+    assert result.returncode == 2 and not out.exists()
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "broken.png: cannot decode it as an image" in line
+
+    result = cli("evaluate", "runs:/0123456789abcdef", "--tracking-uri", finished["uri"], "--json")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "runs:/0123456789abcdef: no such MLflow run" in result.stderr.strip().splitlines()[-1]
+
+    # another seed is another frozen initialisation: not the backbone the checkpoint was trained on
+    result = cli("evaluate", str(finished["run_dir"]), "--set", "seed=5", "--json")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "was trained on other frozen weights" in result.stderr.strip().splitlines()[-1]
