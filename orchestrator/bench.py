@@ -65,3 +65,26 @@ def run_bench(backbone: str, methods: list[str], size: tuple[int, int], batch: i
                                   "saved/full", "train/full", "peak/full", "time/full",
                                   "train/fixed", "peak/fixed", "time/fixed"],
                    disable_numparse=True, colalign=("left",) + ("right",) * 12))
+
+
+def run_bench_tasks(tasks: int, method: str, backbone: str, detector: str, size: tuple[int, int], images: int,
+                    rounds: int, device: str = "cpu") -> None:
+    """N tasks through one frozen backbone against N separate models: seconds per image and weights held."""
+    from detectors.bench_tasks import bench_tasks
+    if device != "cpu":
+        raise UserInputError("bench-tasks measures on the CPU only")
+    if tasks < 2 or images < 1 or rounds < 1:
+        raise UserInputError("--tasks must be at least 2, --images and --rounds at least 1")
+    resolve_method(method)
+    engine = _engine_for(detector, None)
+    # an untrained head finds nothing; random trained weights find 100 boxes each: keep the heads' share modest
+    options = {"detector_options": dict(rpn_post_nms_top_n_test=300, box_detections_per_img=20)} \
+        if engine == "torchvision" and detector != "retinanet" else {}
+    r = bench_tasks(tasks, method, backbone, detector, engine, size, images, rounds, backbone_kwargs=options)
+    print(f"{tasks} {method} tasks, {engine} {detector} on {backbone}, {size[0]}x{size[1]}, median of {rounds} "
+          f"alternating rounds of {images} image(s)")
+    rows = [["separate models", f"{r.separate_s_per_image:.3f}", f"{r.separate_weight_bytes / _MB:.1f}", "", ""],
+            ["one shared backbone", f"{r.shared_s_per_image:.3f}", f"{r.shared_weight_bytes / _MB:.1f}",
+             f"{r.time_ratio:.3f}", f"{r.memory_ratio:.3f}"]]
+    print(tabulate(rows, headers=["", "s/image", "weights MiB", "time ratio", "memory ratio"], disable_numparse=True))
+    print(f"frozen passes per image (shared): {r.frozen_passes_per_image:g}")

@@ -48,6 +48,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_tasks(args: argparse.Namespace) -> int:
+    from orchestrator.bench import run_bench_tasks
+    run_bench_tasks(args.tasks, args.method, args.backbone, args.detector, args.size, args.images, args.rounds)
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.config import load_experiment
     cfg = load_experiment(args.experiment, args.set)
@@ -169,6 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--engine", default=None, help="detector engine (default: the one that has --detector)")
     bench.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     bench.set_defaults(func=_cmd_bench)
+    tasks = commands.add_parser("bench-tasks", help="N tasks on one frozen backbone against N separate models: "
+                                                    "time per image and weights held, side by side")
+    tasks.add_argument("--tasks", type=int, default=3)
+    tasks.add_argument("--method", default="e3va")
+    tasks.add_argument("--backbone", default="swin_t")
+    tasks.add_argument("--detector", default="mask_rcnn")
+    tasks.add_argument("--size", type=parse_size, default=(512, 640), help="HEIGHTxWIDTH (default 512x640)")
+    tasks.add_argument("--images", type=int, default=2, help="images per round")
+    tasks.add_argument("--rounds", type=int, default=5, help="alternating rounds of both arms")
+    tasks.set_defaults(func=_cmd_bench_tasks)
     run = commands.add_parser("run", help="train one experiment with Ray Train, tracked in MLflow")
     run.add_argument("experiment", help="experiment YAML file")
     run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
