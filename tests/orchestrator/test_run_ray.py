@@ -150,12 +150,11 @@ def test_a_user_error_inside_a_worker_reaches_the_command_line_as_one_line():
 
 def test_a_stopped_run_is_continued_by_running_the_command_again(tmp_path):
     """SIGTERM (``ray job stop``, a scheduler) ends the MLflow run as KILLED; the same command then
-    resumes from the newest checkpoint into the same MLflow run and finishes it. Two workers, so what
-    the terminal shows is counted for a multi-worker run too."""
+    resumes from the newest checkpoint into the same MLflow run and finishes it."""
     import signal
     import time
     args = [sys.executable, "-m", "orchestrator", "run", str(DEMO), *sum((["--set", s] for s in FAST), []),
-            "--set", "schedule.iterations=8", "--set", "scaling.workers=2", "--set", f"output_dir={tmp_path}",
+            "--set", "schedule.iterations=8", "--set", f"output_dir={tmp_path}",
             "--set", f"data.synthetic.root={tmp_path}/synthetic"]
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 600
