@@ -132,14 +132,19 @@ def _locate(source: str, tracking_uri: str | None) -> tuple[Path, Path]:
         raise UserInputError(f"{source}: not a directory (give a run directory, a checkpoint directory or "
                              f"runs:/<run_id>)")
     if (path / STATE).is_file():
-        for folder in (path, *path.resolve().parents):
-            if (folder / EXPERIMENT_FILE).is_file():
-                return folder / EXPERIMENT_FILE, path
-        raise UserInputError(f"{source}: no {EXPERIMENT_FILE} in this checkpoint's folders (give the run directory)")
+        return experiment_of(path), path
     if not (path / EXPERIMENT_FILE).is_file():
         raise UserInputError(f"{source}: holds neither {EXPERIMENT_FILE} (a run directory) nor {STATE} "
                              f"(a checkpoint directory)")
     return path / EXPERIMENT_FILE, _run_checkpoint(path)
+
+
+def experiment_of(path: Path) -> Path:
+    """The experiment file of the run ``path`` (a run or checkpoint directory) belongs to: here or above."""
+    for folder in (path, *path.resolve().parents):
+        if (folder / EXPERIMENT_FILE).is_file():
+            return folder / EXPERIMENT_FILE
+    raise UserInputError(f"{path}: no {EXPERIMENT_FILE} here or in the folders above (give the run directory)")
 
 
 def _run_checkpoint(run_dir: Path) -> Path:

@@ -86,21 +86,14 @@ def _log_to_run(source: str, tracking_uri: str | None, figures: dict[str, float]
         from orchestrator.config import load_experiment
         from orchestrator.run import remembered_run_id
         from orchestrator.tracking import default_uri
-        cfg = load_experiment(_experiment_of(source))
+        from orchestrator.trained import experiment_of
+        cfg = load_experiment(experiment_of(Path(source)))
         uri = tracking_uri or cfg.tracking.uri or default_uri(cfg.run_dir.resolve())
         run_id = remembered_run_id(cfg)
         if run_id is None:
             raise UserInputError(f"--log: {source} does not record its MLflow run (give runs:/<run_id>)")
     Tracker(uri, run_id).log_metrics({f"evaluate/{k}": v for k, v in figures.items()}, step=0)
     CONSOLE.say(f"logged to MLflow run {run_id} as evaluate_*")
-
-
-def _experiment_of(source: str) -> Path:
-    from orchestrator.trained import EXPERIMENT_FILE
-    for folder in (Path(source), *Path(source).resolve().parents):
-        if (folder / EXPERIMENT_FILE).is_file():
-            return folder / EXPERIMENT_FILE
-    raise UserInputError(f"{source}: no {EXPERIMENT_FILE} here or above")
 
 
 def _check_classes(task: TrainedTask, val) -> None:
