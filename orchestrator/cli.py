@@ -133,6 +133,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from orchestrator.console import internals_to, verbose_requested
+    from orchestrator.serve import serve_tasks
+    with internals_to(_scratch_log("serve"), verbose_requested(args.verbose)):
+        serve_tasks(args.runs, host=args.host, port=args.port, replicas=args.replicas,
+                    cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
+                    max_image_mb=args.max_image_mb, score_threshold=args.score_threshold, weights=args.weights,
+                    tracking_uri=args.tracking_uri)
+    return 0
+
+
 def _scratch_log(command: str):
     import tempfile
     from pathlib import Path
@@ -259,6 +270,20 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring at least this")
     _add_trained_arguments(predict)
     predict.set_defaults(func=_cmd_predict)
+
+    serve = commands.add_parser("serve", help="trained runs behind one HTTP endpoint with Ray Serve, on one frozen "
+                                              "backbone: POST /predict, GET /tasks")
+    serve.add_argument("runs", nargs="+", help="run directories, checkpoint directories or runs:/<run_id>")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--replicas", type=int, default=1, help="replicas, each holding every task")
+    serve.add_argument("--cpus-per-replica", type=float, default=1.0)
+    serve.add_argument("--gpus-per-replica", type=float, default=0.0)
+    serve.add_argument("--max-image-mb", type=float, default=20.0, help="larger request bodies get 413")
+    serve.add_argument("--score-threshold", type=float, default=0.5,
+                       help="keep detections scoring at least this (a request's ?score_threshold= overrides it)")
+    _add_trained_arguments(serve)
+    serve.set_defaults(func=_cmd_serve)
 
     demo = commands.add_parser("demo", help="train an E3VA detector on synthetic data via local Ray and MLflow")
     demo.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",

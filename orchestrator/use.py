@@ -5,11 +5,12 @@ backbone once and, for E3VA and FIXED, runs it once per image for all of them.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +46,11 @@ def evaluate_run(source: str, *, data: Sequence[str] | None = None, overrides: S
     from orchestrator.train_loop import build_val_dataset
     val = build_val_dataset(task.cfg)
     _check_classes(task, val)
-    # the run's workers computed with cpus_per_worker threads; the same arithmetic gives the same figures
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(task.cfg.scaling.cpus_per_worker)))
-    try:
-        from tqdm import tqdm
-        with tqdm(total=len(val), unit="image", desc="evaluating", disable=not CONSOLE.isatty(), leave=False) as bar:
-            figures = predict_dataset(task.detector, val, batch_size=batch_size,
-                                      on_batch=lambda done: bar.update(done - bar.n)).evaluate()
-    finally:
-        torch.set_num_threads(threads)
+    from tqdm import tqdm
+    with computing_as_trained(task), tqdm(total=len(val), unit="image", desc="evaluating",
+                                          disable=not CONSOLE.isatty(), leave=False) as bar:
+        figures = predict_dataset(task.detector, val, batch_size=batch_size,
+                                  on_batch=lambda done: bar.update(done - bar.n)).evaluate()
     named = {f"val/{k}": v for k, v in figures.items()}
     report = {k.replace("/", "_"): v for k, v in named.items()}
     destination = Path(out) if out else _default_evaluation_file(source)
@@ -69,6 +65,18 @@ def evaluate_run(source: str, *, data: Sequence[str] | None = None, overrides: S
     if log:
         _log_to_run(source, tracking_uri, figures)
     return report
+
+
+@contextlib.contextmanager
+def computing_as_trained(task: TrainedTask) -> Iterator[None]:
+    """Torch's CPU threads as the run's workers had them (cpus_per_worker): the same arithmetic, in
+    the same order, gives the same figures and detections to the last bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(task.cfg.scaling.cpus_per_worker)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _default_evaluation_file(source: str) -> Path:
@@ -120,20 +128,13 @@ def predict_images(sources: Sequence[str], images: Sequence[str], out: str, *, s
         except (UnidentifiedImageError, OSError) as exc:
             raise UserInputError(f"{path}: cannot decode it as an image ({str(exc).splitlines()[0][:120]})") from None
     tasks, shared = load_tasks(sources, weights=weights, tracking_uri=tracking_uri)
-    _print_storage(tasks)
+    print_storage(tasks)
     staging = Path(tempfile.mkdtemp(prefix=".predict-", dir=_parent_of(out)))
     try:
         from tqdm import tqdm
         progress = tqdm(total=len(files), unit="image", disable=not CONSOLE.isatty(), leave=False)
-        for index, (path, picture) in enumerate(zip(files, pictures), start=1):
-            for task in tasks:
-                results = predict_one(task, picture, image_id=index, score_threshold=score_threshold)
-                folder = staging / task.name
-                folder.mkdir(exist_ok=True)
-                (folder / f"{path.stem}.json").write_text(json.dumps(results))
-                render(picture, results, task).save(folder / f"{path.stem}.png")
-            shared.clear()
-            progress.update()
+        with computing_as_trained(tasks[0]):
+            _predict_all(tasks, shared, files, pictures, staging, score_threshold, progress)
         progress.close()
         _publish(staging, Path(out))
     finally:
@@ -141,6 +142,27 @@ def predict_images(sources: Sequence[str], images: Sequence[str], out: str, *, s
     CONSOLE.say(f"predictions for {len(files)} image(s) by {len(tasks)} task(s) in {out}/"
                 f"{{{','.join(t.name for t in tasks)}}}/")
     return {"tasks": [t.name for t in tasks], "images": [str(f) for f in files], "frozen_passes": shared.computed}
+
+
+def _predict_all(tasks, shared, files, pictures, staging: Path, score_threshold: float, progress) -> None:
+    for index, (path, picture) in enumerate(zip(files, pictures), start=1):
+        found = predict_tasks(tasks, shared, picture, image_id=index, score_threshold=score_threshold)
+        for task in tasks:
+            folder = staging / task.name
+            folder.mkdir(exist_ok=True)
+            (folder / f"{path.stem}.json").write_text(json.dumps(found[task.name]))
+            render(picture, found[task.name], task).save(folder / f"{path.stem}.png")
+        progress.update()
+
+
+def predict_tasks(tasks: Sequence[TrainedTask], shared, picture: torch.Tensor, *, image_id: int = 1,
+                  score_threshold: float = 0.5) -> dict[str, list[dict[str, Any]]]:
+    """Each task's COCO results on one picture; the frozen pass the tasks share runs once for all."""
+    try:
+        return {task.name: predict_one(task, picture, image_id=image_id, score_threshold=score_threshold)
+                for task in tasks}
+    finally:
+        shared.clear()  # the picture's features are not kept past it
 
 
 def predict_one(task: TrainedTask, picture: torch.Tensor, *, image_id: int = 1,
@@ -152,7 +174,9 @@ def predict_one(task: TrainedTask, picture: torch.Tensor, *, image_id: int = 1,
     resize = build_transforms(False, test_short_edge=d.test_short_edge, max_size=d.max_size)
     height, width = picture.shape[-2:]
     image, _ = resize(picture.float() / 255.0, {"boxes": torch.zeros(0, 4)})
-    prediction = task.detector.predict([image], output_sizes=[(height, width)])[0]
+    device = next(task.detector.parameters()).device
+    prediction = task.detector.predict([image.to(device)], output_sizes=[(height, width)])[0]
+    prediction = {key: value.cpu() for key, value in prediction.items()}
     keep = prediction["scores"] >= score_threshold
     results = []
     masks = prediction.get("masks")
@@ -194,7 +218,7 @@ def _colour(category_id: int) -> tuple[int, int, int]:
     return palette[category_id % len(palette)]
 
 
-def _print_storage(tasks: list[TrainedTask]) -> None:
+def print_storage(tasks: list[TrainedTask]) -> None:
     """The papers' storage argument, measured: what each task stores against a fully fine-tuned copy,
     for the backbone (what the methods differ in) and the whole detector (the heads train in all)."""
     def mb(n: int) -> str:

@@ -126,3 +126,112 @@ def test_bad_input_is_one_line_and_writes_nothing(finished, tmp_path):
     result = cli("evaluate", str(finished["run_dir"]), "--set", "seed=5", "--json")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "was trained on other frozen weights" in result.stderr.strip().splitlines()[-1]
+
+
+def test_runs_on_different_frozen_backbones_are_refused_by_name(finished, monkeypatch, tmp_path):
+    import shutil
+
+    from detectors.errors import UserInputError
+    from orchestrator import trained
+    real = trained.load_trained
+
+    def load(source, **kwargs):  # the second run as if trained from other weights
+        task = real(source, **kwargs)
+        if source.endswith("other"):
+            task.state = {**task.state, "identity": {**task.state["identity"], "fingerprint": "f" * 64}}
+        return task
+    monkeypatch.setattr(trained, "load_trained", load)
+    run, other = str(finished["run_dir"]), tmp_path / "other"
+    other.mkdir()
+    shutil.copy(finished["run_dir"] / "experiment.yaml", other)  # the same run's checkpoints, found from its file
+    with pytest.raises(UserInputError, match=rf"{other} and {run} were trained on different frozen backbones"):
+        trained.load_tasks([run, str(other)])
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def http(url: str, body: bytes | None = None, content_type: str = "application/octet-stream"):
+    """(status, JSON) of a GET, or of a POST of ``body``."""
+    import urllib.error
+    import urllib.request
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type} if body else {})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def multipart(name: str, data: bytes) -> tuple[bytes, str]:
+    boundary = "e3va-test-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def test_serve_answers_as_predict_does_and_keeps_serving_after_bad_requests(finished, tmp_path):
+    import signal
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from orchestrator.use import predict_images
+    run = str(finished["run_dir"])
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "orchestrator", "serve", run, run, "--port", str(port),
+                               "--max-image-mb", "1", "--score-threshold", "0.0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, server.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "serve did not come up in 300 s"
+            try:  # until the application is up, Serve's proxy answers 404 or 503 in plain text
+                status, listed = http(f"{url}/tasks")
+                if status == 200:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.5)
+        assert status == 200 and [t["name"] for t in listed["tasks"]] == ["demo-1", "demo-2"]
+        assert {c["name"] for c in listed["tasks"][0]["classes"]} == {"circle", "square", "triangle"}
+        assert listed["tasks"][1]["source"] == run
+
+        predict_images([run], [str(finished["val"])], str(tmp_path / "predicted"), score_threshold=0.0)
+        images = sorted(finished["val"].glob("*.png"))
+        for index, path in enumerate(images, start=1):
+            expected = json.loads((tmp_path / "predicted" / "demo" / f"{path.stem}.json").read_text())
+            expected = [{**r, "image_id": 1} for r in expected]
+            status, answer = http(f"{url}/predict", path.read_bytes(), "image/png")
+            assert status == 200 and answer["tasks"] == {"demo-1": expected, "demo-2": expected}
+        status, answer = http(f"{url}/predict?tasks=demo-2", *multipart(images[0].name, images[0].read_bytes()))
+        assert status == 200 and list(answer["tasks"]) == ["demo-2"]
+
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(lambda _: http(f"{url}/predict", images[0].read_bytes()), range(20)))
+        first = http(f"{url}/predict", images[0].read_bytes())
+        assert all(a == first for a in answers) and first[0] == 200
+
+        for body, query, code, says in ((b"not an image", "", 400, "not an image"),
+                                        (images[0].read_bytes(), "?tasks=nope", 404, "unknown task 'nope'"),
+                                        (bytes(2 * 2**20), "", 413, "larger than")):
+            status, answer = http(f"{url}/predict{query}", body)
+            assert status == code and list(answer) == ["error"] and says in answer["error"]
+            assert "\n" not in answer["error"]
+        assert http(f"{url}/predict", images[0].read_bytes()) == first  # still serving
+    finally:
+        server.send_signal(signal.SIGINT)
+        out, err = server.communicate(timeout=120)
+    assert server.returncode == 0, err[-3000:]
+    assert out.strip().splitlines()[-1] == "stopped"
+
+
+def test_serve_refuses_a_run_that_does_not_exist_before_starting(finished):
+    result = cli("serve", "runs:/0123456789abcdef", "--tracking-uri", finished["uri"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "runs:/0123456789abcdef: no such MLflow run" in result.stderr.strip().splitlines()[-1]
