@@ -34,12 +34,13 @@ def ray_local():
 
 def test_demo_command_finishes_an_mlflow_run_with_coco_metrics_and_the_adapter_checkpoint(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "demo", *sum((["--set", s] for s in FAST), []),
+        [sys.executable, "-m", "orchestrator", "demo", *sum((["--set", s] for s in FAST), []), "--set", "scaling.workers=2",
          "--set", f"output_dir={tmp_path}", "--set", f"data.synthetic.root={tmp_path}/synthetic"],
         capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mlflow ui --backend-store-uri" in result.stdout and "AP50" in result.stdout
-    # without a terminal: a few lines for the user, each once; Ray's and pycocotools' own output in the log
+    # without a terminal: a few lines for the user, each once (two workers report; rank 0's are shown);
+    # Ray's and pycocotools' own output in the log
     lines = (result.stdout + result.stderr).splitlines()
     assert len(lines) <= 40, "\n".join(lines)
     steps = [line for line in lines if line.startswith("step ")]
@@ -52,6 +53,7 @@ def test_demo_command_finishes_an_mlflow_run_with_coco_metrics_and_the_adapter_c
     assert run.info.status == "FINISHED"
     assert run.info.artifact_uri.startswith(tmp_path.resolve().as_uri())  # beside the store, not in ./mlruns
     assert run.data.params["method"] == "e3va" and run.data.params["rank"] == "8"
+    assert run.data.params["workers"] == "2" and run.data.metrics["world_size"] == 2
     # what a user compares by: the run named for what it is, its tags, its data, the machine's load
     assert run.info.run_name == "e3va-r8 swin_t mask_rcnn"
     assert {k: run.data.tags[k] for k in ("method", "backbone", "detector", "task")} == {
