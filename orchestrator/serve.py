@@ -44,7 +44,7 @@ class RequestError(Exception):
 def _first_part(content_type: str, body: bytes) -> bytes:
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
         f"Content-Type: {content_type}\r\n\r\n".encode() + body)
-    parts = [part for part in message.iter_parts()] if message.is_multipart() else []
+    parts = list(message.iter_parts()) if message.is_multipart() else []
     files = [part for part in parts if part.get_filename()] or parts
     if not files:
         raise RequestError(400, "the multipart body holds no part (send the image as a form file)")
@@ -53,10 +53,9 @@ def _first_part(content_type: str, body: bytes) -> bytes:
 
 def _decode(data: bytes):
     from PIL import Image, UnidentifiedImageError
-    from torchvision.transforms.functional import pil_to_tensor
+    from orchestrator.use import read_picture
     try:
-        with Image.open(io.BytesIO(data)) as opened:
-            return pil_to_tensor(opened.convert("RGB"))
+        return read_picture(io.BytesIO(data))
     except UnidentifiedImageError:
         raise RequestError(400, "the body is not an image Pillow can decode (PNG, JPEG, BMP, WebP, ...)") from None
     except (OSError, Image.DecompressionBombError) as exc:
@@ -159,8 +158,6 @@ def serve_tasks(sources: Sequence[str], *, host: str = "127.0.0.1", port: int = 
                              "--max-image-mb above 0")
     tasks, shared = load_tasks(sources, weights=weights, tracking_uri=tracking_uri)
     print_storage(tasks)
-    for task in tasks:
-        task.detector.cpu()
     ray.init(ignore_reinit_error=True)
     try:
         serve.start(http_options={"host": host, "port": port})

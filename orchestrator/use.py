@@ -117,15 +117,12 @@ def _check_classes(task: TrainedTask, val) -> None:
 def predict_images(sources: Sequence[str], images: Sequence[str], out: str, *, score_threshold: float = 0.5,
                    weights: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
     """Per task and image, ``<out>/<task>/<image>.json`` (COCO results) and ``.png`` (what was found, drawn)."""
-    from PIL import Image, UnidentifiedImageError
-    from torchvision.transforms.functional import pil_to_tensor
     files = _image_files(images)
     pictures = []
     for path in files:  # every image decodes before anything is written
         try:
-            with Image.open(path) as opened:
-                pictures.append(pil_to_tensor(opened.convert("RGB")))
-        except (UnidentifiedImageError, OSError) as exc:
+            pictures.append(read_picture(path))
+        except OSError as exc:  # Pillow's UnidentifiedImageError is one
             raise UserInputError(f"{path}: cannot decode it as an image ({str(exc).splitlines()[0][:120]})") from None
     tasks, shared = load_tasks(sources, weights=weights, tracking_uri=tracking_uri)
     print_storage(tasks)
@@ -142,6 +139,14 @@ def predict_images(sources: Sequence[str], images: Sequence[str], out: str, *, s
     CONSOLE.say(f"predictions for {len(files)} image(s) by {len(tasks)} task(s) in {out}/"
                 f"{{{','.join(t.name for t in tasks)}}}/")
     return {"tasks": [t.name for t in tasks], "images": [str(f) for f in files], "frozen_passes": shared.computed}
+
+
+def read_picture(source) -> torch.Tensor:
+    """An image file (a path or a binary file object) as a uint8 3 x H x W RGB tensor."""
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+    with Image.open(source) as opened:
+        return pil_to_tensor(opened.convert("RGB"))
 
 
 def _predict_all(tasks, shared, files, pictures, staging: Path, score_threshold: float, progress) -> None:
