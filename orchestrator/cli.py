@@ -108,6 +108,18 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from detectors.upstream import spec_from
+    from orchestrator.pretrain import run_pretrain
+    values = parse_assignments(args.set)
+    for name in ("steps", "seed", "device", "cache_dir"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    path = run_pretrain(spec_from(values))
+    print(path)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from orchestrator.console import verbose_requested
     from orchestrator.demo import run_demo
@@ -284,6 +296,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep detections scoring at least this (a request's ?score_threshold= overrides it)")
     _add_trained_arguments(serve)
     serve.set_defaults(func=_cmd_serve)
+
+    pretrain = commands.add_parser("pretrain", help="pre-train a small Swin on the synthetic upstream task (or find "
+                                                    "it in the cache); prints the checkpoint's path")
+    pretrain.add_argument("--steps", type=int, default=None, help="training steps (default: UpstreamSpec's, a few "
+                                                                  "minutes on 2 CPU cores)")
+    pretrain.add_argument("--seed", type=int, default=None)
+    pretrain.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
+    pretrain.add_argument("--cache-dir", default=None, metavar="DIR", help="default outputs/pretrained")
+    pretrain.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help="any other field of the spec, e.g. batch_size=64 or backbone=swin_t (repeatable)")
+    pretrain.set_defaults(func=_cmd_pretrain)
 
     demo = commands.add_parser("demo", help="train an E3VA detector on synthetic data via local Ray and MLflow")
     demo.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",

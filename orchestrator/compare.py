@@ -28,7 +28,8 @@ from orchestrator.console import CONSOLE
 
 # Params every run of ``orchestrator run`` logs besides the method's hyperparameters.
 RUN_PARAMS = {"method", "variant", "backbone", "detector", "engine", "batch_per_worker", "workers", "batch_total",
-              "lr", "gpu_kind", "trainable_params", "trainable_percent", "sweep", "sweep.trial_id"}
+              "lr", "gpu_kind", "trainable_params", "trainable_percent", "sweep", "sweep.trial_id", "backbone_init",
+              "train_images"}
 MEMORY_KEYS = ("peak_memory_mb", "train_memory_mb")  # metric or param; the first one a run has
 
 
@@ -74,6 +75,7 @@ class Row:
                    if m.step > 1] if "seconds_per_iteration" in metrics else []
         self.seconds = statistics.median(history) if history else _number(metrics.get("seconds_per_iteration"))
         self.ap_box = _number(metrics.get("val_bbox_AP"))
+        self.ap50_box = _number(metrics.get("val_bbox_AP50"))
         self.ap_mask = _number(metrics.get("val_segm_AP"))
         self.steps = _number(metrics.get("step"))
 
@@ -144,25 +146,50 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+SETTING_PARAMS = ("backbone_init", "train_images")  # what a method is run on, besides the sweep's own fields
+
+
+def settings(rows: list[Row]) -> dict[str, str]:
+    """Each run's setting (what it was run on, where runs differ in more than the method), by run id:
+    the backbone's start, the data budget and the sweep's fields other than the method's own."""
+    candidates = set(SETTING_PARAMS) | {k for r in rows for k in r.params
+                                        if "." in k and k != "sweep.trial_id" and not k.startswith("tuning.")}
+    varied = sorted(k for k in candidates if len({r.params.get(k) for r in rows}) > 1)
+    if "backbone_init" in varied:  # the sweep's own field for it says the same, less readably
+        varied = [k for k in varied if not k.startswith("backbone.")]
+    if "train_images" in varied:
+        varied = [k for k in varied if k != "data.synthetic.num_train"]
+    return {r.run_id: " ".join(f"{k.rsplit('.', 1)[-1]}={r.params.get(k, '-')}" for k in varied) for r in rows}
+
+
 def build_table(rows: list[Row]) -> str:
-    full = [r for r in rows if r.method == "full"]
-    ref = {key: _mean(getattr(r, key) for r in full) if full else None
-           for key in ("memory", "seconds", "ap_box", "ap_mask")}
+    """The papers' table; where runs differ in setting (backbone start, data budget), one block per
+    setting, each against its own ``full`` run."""
+    setting_of = settings(rows)
+    ordered = sorted(rows, key=lambda r: setting_of[r.run_id]) if any(setting_of.values()) else rows
+    refs = {}
+    for setting in set(setting_of.values()):
+        full = [r for r in rows if r.method == "full" and setting_of[r.run_id] == setting]
+        refs[setting] = {key: _mean(getattr(r, key) for r in full) if full else None
+                         for key in ("memory", "seconds", "ap_box", "ap_mask")}
     varied = _varied_hyperparameters(rows)
     table = []
-    for r in rows:
+    for r in ordered:
+        ref = refs[setting_of[r.run_id]]
         hyper = " ".join(f"{k}={v}" for k, v in r.hyperparameters().items() if k in varied.get(r.method, ()))
         status = r.outcome or r.status.lower()
         if r.outcome == "stopped early" and r.steps is not None:
             status += f" @{r.steps:.0f}"
-        table.append([r.name, r.method, f"{r.variant} {hyper}".strip(),
+        table.append([r.name, *([setting_of[r.run_id]] if any(setting_of.values()) else []), r.method,
+                      f"{r.variant} {hyper}".strip(),
                       _fmt(None if r.trainable is None else r.trainable / 1e6, 3), _fmt(r.percent, 2),
                       _fmt(r.memory, 0), _ratio(r.memory, ref["memory"]),
                       _fmt(r.seconds, 3), _ratio(r.seconds, ref["seconds"]),
-                      _fmt(r.ap_box), _delta(r.ap_box, ref["ap_box"]),
+                      _fmt(r.ap_box), _fmt(r.ap50_box), _delta(r.ap_box, ref["ap_box"]),
                       _fmt(r.ap_mask), _delta(r.ap_mask, ref["ap_mask"]), status])
-    headers = ["run", "method", "variant", "params (M)", "% of full", "peak mem (MB)", "vs full", "s/iter", "vs full",
-               "AP box", "delta", "AP mask", "delta", "status"]
+    headers = ["run", *(["setting"] if any(setting_of.values()) else []), "method", "variant", "params (M)",
+               "% of full", "peak mem (MB)", "vs full", "s/iter", "vs full", "AP box", "AP50", "delta", "AP mask",
+               "delta", "status"]
     return tabulate(table, headers=headers, disable_numparse=True)
 
 
@@ -209,14 +236,24 @@ def plot_ap_vs_memory(rows: list[Row], path: Path) -> str | None:
         biggest = max((r.trainable or 0) for r in shown) or 1
         methods = sorted({r.method for r in shown})
         colours = plt.get_cmap("tab10")
+        setting_of = settings(shown)
+        marker_of = {setting: "osD^vP*X"[i % 8] for i, setting in enumerate(sorted(set(setting_of.values())))}
         for i, method in enumerate(methods):
-            mine = [r for r in shown if r.method == method]
-            ax.scatter([x_of(r) for r in mine], [y_of(r) for r in mine],
-                       s=[60 + 1500 * (r.trainable or 0) / biggest for r in mine], alpha=0.55,
-                       color=colours(i % 10), edgecolors="black", label=method)
-            for r in mine:
-                ax.annotate(r.name, (x_of(r), y_of(r)), fontsize=7, xytext=(4, 4), textcoords="offset points")
-        ax.legend(fontsize=8, loc="best", markerscale=0.5)
+            for setting, marker in marker_of.items():
+                mine = [r for r in shown if r.method == method and setting_of[r.run_id] == setting]
+                ax.scatter([x_of(r) for r in mine], [y_of(r) for r in mine], marker=marker,
+                           s=[60 + 1500 * (r.trainable or 0) / biggest for r in mine], alpha=0.55,
+                           color=colours(i % 10), edgecolors="black")
+                for r in mine:  # with several settings the marker says which: the method name is enough
+                    ax.annotate(r.method if len(marker_of) > 1 else r.name, (x_of(r), y_of(r)), fontsize=7,
+                                xytext=(4, 4), textcoords="offset points")
+        from matplotlib.lines import Line2D
+        handles = [Line2D([], [], marker="o", linestyle="", color=colours(i % 10), label=method)
+                   for i, method in enumerate(methods)]
+        if len(marker_of) > 1:
+            handles += [Line2D([], [], marker=marker, linestyle="", color="grey", label=setting)
+                        for setting, marker in marker_of.items()]
+        ax.legend(handles=handles, fontsize=7, loc="best")
     else:
         ax.text(0.5, 0.5, "no run has both AP and the x figure", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel(xlabel)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from detectors.data.transforms import SWIN_MAX_SIZE, SWIN_TEST_SHORT_EDGE, SWIN_TRAIN_SHORT_EDGES
 from detectors.errors import UserInputError
+from detectors.upstream import UpstreamSpec
 from orchestrator.gpu_kinds import check_kind
 
 
@@ -23,12 +24,30 @@ class _Strict(BaseModel):
 
 class SyntheticData(_Strict):
     """The built-in dataset: coloured shapes with boxes and masks, written once under ``root``."""
-    root: Path = Path("outputs/synthetic")
+    root: Path = Field(Path("outputs/synthetic"), description="where it is written; may name the other fields, e.g. "
+                                                             "outputs/shapes-{num_train}, so that datasets of "
+                                                             "different sizes (a sweep's) do not share a folder")
     num_train: int = Field(64, ge=1)
     num_val: int = Field(16, ge=1)
     image_size: tuple[int, int] = (128, 160)
     num_classes: int = Field(3, ge=1, le=5)
     seed: int = 0
+    colours: Literal["by_class", "random"] = Field("by_class", description="by_class: each class its own colour; "
+                                                   "random: any colour, so only the shape tells the class")
+
+    @model_validator(mode="after")
+    def _root_names_fields(self) -> "SyntheticData":
+        self.folder()
+        return self
+
+    def folder(self) -> Path:
+        """``root`` with the fields it names filled in."""
+        fields = {k: v for k, v in self.model_dump(mode="json").items() if k != "root"}
+        try:
+            return Path(str(self.root).format(**fields))
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"root: {str(self.root)!r} names {exc}, which is not a field of data.synthetic "
+                             f"({', '.join(fields)})") from None
 
 
 class DataConfig(_Strict):
@@ -60,6 +79,19 @@ class BackboneConfig(_Strict):
     drop_path_rate: float = Field(0.2, ge=0, lt=1)
     # Spec overrides for small models (depths, embed_dim, num_heads, window_size).
     overrides: dict[str, Any] = {}
+    upstream: UpstreamSpec | None = Field(None, description="pre-train the backbone on the synthetic upstream task "
+                                                          "(or take it from the cache) and start from it; {} for "
+                                                          "the defaults (detectors.upstream.UpstreamSpec)")
+
+    @model_validator(mode="after")
+    def _one_start(self) -> "BackboneConfig":
+        if self.weights is not None and self.upstream is not None:
+            raise ValueError("backbone: give either weights or upstream, not both")
+        return self
+
+    def weight_file(self) -> Path | None:
+        """The file the frozen backbone starts from: ``weights``, or the upstream checkpoint's place in its cache."""
+        return self.upstream.path if self.upstream is not None else self.weights
 
 
 class TuningConfig(_Strict):
@@ -244,7 +276,7 @@ def describe_error(error: dict) -> str:
     if not parts:  # a check across fields names its fields itself
         return message
     location = ".".join(parts)
-    if error["type"] == "extra_forbidden":
+    if error["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
         message = "unknown key"
     elif error["type"] == "missing":
         message = "required field is missing"

@@ -26,6 +26,7 @@ from detectors.params import count_parameters
 from orchestrator.checkpointing import STATE, WEIGHTS, check_identity, newest_checkpoint
 from orchestrator.config import ExperimentConfig, check_inputs_exist
 from orchestrator.console import CONSOLE, TrainingProgress, progress_callback, progress_channel
+from orchestrator.pretrain import checkpoint_for_workers, resolve_upstream
 from orchestrator.storage import Storage
 from orchestrator.tracking import (Tracker, default_uri, describe_run, experiment_id, log_dataset, metrics_callback,
                                    open_client, system_metrics_monitor, warn_unreachable)
@@ -48,13 +49,14 @@ def preflight(cfg: ExperimentConfig) -> None:
     resume = newest_checkpoint(storage, storage.path(cfg.name))
     if resume is not None:
         check_identity(resume[0], config_identity(cfg), resume[1])
-    if cfg.backbone.weights is not None:
+    resolve_upstream(cfg)  # pre-trains now unless the cache has it
+    if cfg.backbone.weight_file() is not None:
         with torch.device("meta"):
             model = build_swin(cfg.backbone.name, **cfg.backbone.overrides)
         try:
-            fitting_state_dict(model, cfg.backbone.weights)
+            fitting_state_dict(model, cfg.backbone.weight_file())
         except UserInputError as exc:
-            raise UserInputError(f"backbone.weights: {exc}") from None
+            raise UserInputError(f"backbone.{'upstream' if cfg.backbone.upstream else 'weights'}: {exc}") from None
     paths = dataset_paths(cfg)
     for split in ("train", "val"):
         CocoDetection(paths[f"{split}_images"], paths[f"{split}_json"]).check_files()
@@ -97,7 +99,18 @@ def _params(cfg: ExperimentConfig) -> dict[str, Any]:
             "batch_per_worker": cfg.schedule.batch_size, "workers": cfg.scaling.workers,
             **({"batch_total": sum(cfg.batch_sizes())} if cfg.batch_sizes() else {}), "lr": cfg.schedule.lr,
             "gpu_kind": cfg.scaling.gpu_kind or ("any gpu" if cfg.scaling.use_gpu else "cpu"),
-            "trainable_params": count.trainable, "trainable_percent": round(count.percent, 4)}
+            "trainable_params": count.trainable, "trainable_percent": round(count.percent, 4),
+            "backbone_init": backbone_init(cfg), **({"train_images": cfg.data.synthetic.num_train}
+                                                   if cfg.data.synthetic is not None else {})}
+
+
+def backbone_init(cfg: ExperimentConfig) -> str:
+    """Where the frozen backbone comes from, in a few words: the upstream pre-training, a file, or a seed."""
+    if cfg.backbone.upstream is not None:
+        return f"upstream {cfg.backbone.upstream.steps} steps s{cfg.backbone.upstream.seed}"
+    if cfg.backbone.weights is not None:
+        return Path(cfg.backbone.weights).name
+    return f"random s{cfg.seed}"
 
 
 MLFLOW_RUN_FILE = "mlflow_run_id"
@@ -160,7 +173,7 @@ def build_trainer(cfg: ExperimentConfig, uri: str | None, run_id: str | None, *,
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": json.loads(cfg.model_dump_json()), "fail_at_step": fail_at_step,
-                           "progress": progress,
+                           "progress": progress, "upstream_checkpoint": checkpoint_for_workers(cfg),
                            # for a run stopped before Ray recorded its newest checkpoint
                            "resume_from": resume[0] if resume else None},
         scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,

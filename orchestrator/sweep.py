@@ -128,6 +128,9 @@ class SweepConfig(_Strict):
     base: Path = Field(description="the base experiment YAML, relative to the sweep file")
     overrides: dict[str, Any] = Field({}, description="dotted path -> value, applied to the base experiment")
     space: dict[str, Dimension] = Field(min_length=1)
+    include: list[dict[str, Any]] = Field([], description="trials beyond the grid, each a mapping of dotted path "
+                                                          "-> value (e.g. controls: {backbone.upstream: null}); "
+                                                          "needs a space of grids only")
     num_samples: int = Field(1, ge=1, description="repeats of the grid; draws of the random dimensions")
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as the cluster holds")
     asha: AshaConfig | None = None
@@ -156,13 +159,66 @@ class SweepConfig(_Strict):
                 raise ValueError(f"{key}: set by the sweep for each trial; it cannot be searched")
         return value
 
+    @field_validator("include")
+    @classmethod
+    def _flat_includes(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        flat = [_flatten_values(entry) for entry in value]
+        for entry in flat:
+            if not entry:
+                raise ValueError("an included trial is empty")
+            for key in entry:
+                if key.split(".")[0] in RESERVED:
+                    raise ValueError(f"{key}: set by the sweep for each trial; it cannot be given")
+        return flat
+
+    @model_validator(mode="after")
+    def _include_needs_grids(self) -> "SweepConfig":
+        if self.include and self.random:
+            raise ValueError("include: extra trials need a space of grids only (no choice or random ranges)")
+        return self
+
     @property
     def random(self) -> bool:
         return any(d.random for d in self.space.values())
 
     @property
     def num_trials(self) -> int:
-        return math.prod(len(d.grid) for d in self.space.values() if d.grid is not None) * self.num_samples
+        grid = math.prod(len(d.grid) for d in self.space.values() if d.grid is not None)
+        return (grid + len(self.include)) * self.num_samples
+
+    def grid_trials(self) -> list[dict[str, Any]]:
+        """Every trial's values when the space is all grids: the product, then the included trials."""
+        keys = list(self.space)
+        product = [dict(zip(keys, values)) for values in itertools.product(*(self.space[k].grid for k in keys))]
+        return product + [dict(entry) for entry in self.include]
+
+    def param_space(self) -> dict[str, Any]:
+        """Tune's search space. With included trials, one grid over whole trials under ``TRIAL_KEY``."""
+        from ray import tune
+        if self.include:
+            return {TRIAL_KEY: tune.grid_search(self.grid_trials())}
+        return {k: v.to_tune() for k, v in self.space.items()}
+
+
+TRIAL_KEY = "trial"  # not an experiment field: the values of a whole trial, when the sweep lists trials
+
+
+def trial_values(config: dict[str, Any]) -> dict[str, Any]:
+    """The experiment fields a trial sets, from Tune's config of it."""
+    return dict(config[TRIAL_KEY]) if set(config) == {TRIAL_KEY} else dict(config)
+
+
+def _flatten_values(entry: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{backbone: {upstream: null}}`` or ``{backbone.upstream: null}`` -> ``{"backbone.upstream": None}``;
+    a mapping under a dotted key is one value (``{backbone.upstream: {steps: 5}}``)."""
+    flat: dict[str, Any] = {}
+    for key, value in entry.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and "." not in key:
+            flat.update(_flatten_values(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
 
 
 class Sweep:
@@ -292,6 +348,9 @@ def _check_space(sweep: Sweep) -> list[ExperimentConfig]:
         values = dict(zip(keys, combination))
         label = "space: the trial " + ", ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
         configs.append(validate(values, label))
+    for index, values in enumerate(sweep.cfg.include):
+        label = f"include[{index}]: the trial " + ", ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
+        configs.append(validate(values, label))
     return configs
 
 
@@ -380,7 +439,7 @@ def _short(value: Any) -> str:
 
 def trial_name(sweep_name: str, numbered: bool, trial) -> str:
     """``<sweep>-rank=16`` (plus the trial's number when samples repeat or are random)."""
-    parts = [f"{path.rsplit('.', 1)[-1]}={_short(value)}" for path, value in sorted(trial.config.items())]
+    parts = [f"{path.rsplit('.', 1)[-1]}={_short(value)}" for path, value in sorted(trial_values(trial.config).items())]
     name = "-".join([sweep_name, *parts])
     if numbered:
         name += f"-{int(trial.trial_id.rsplit('_', 1)[-1])}"
@@ -428,6 +487,7 @@ def _run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
     from orchestrator.run import run_experiment
     tune_context = ray.tune.get_context()
+    config = trial_values(config)
     raw = trial_raw(context["base_raw"], config, tune_context.get_trial_name(), Path(context["trials_dir"]),
                     context["tracking_uri"], context["route"], context["trials_storage"])
     cfg = ExperimentConfig.model_validate(raw)
@@ -505,6 +565,7 @@ def _scheduler(sweep: Sweep):
 def _fingerprint(sweep: Sweep) -> dict[str, Any]:
     return {"base": sweep.base_raw, "route": sweep.cfg.route,
             "space": {k: v.model_dump(exclude_none=True) for k, v in sweep.cfg.space.items()},
+            **({"include": sweep.cfg.include} if sweep.cfg.include else {}),
             "num_samples": sweep.cfg.num_samples,
             "asha": sweep.cfg.asha.model_dump() if sweep.cfg.asha else None}
 
@@ -552,7 +613,8 @@ def _close_children(client, sweep: Sweep, results, interrupted: bool, max_t: int
     for result in results:
         name = result.path.rstrip("/").rsplit("/", 1)[-1]
         metrics = result.metrics or {}
-        run_id = remembered_run_id(sweep.trial_config(result.config, name)) if client is not None else None
+        run_id = (remembered_run_id(sweep.trial_config(trial_values(result.config), name))
+                  if client is not None else None)
         status = None
         if run_id is not None:
             try:
@@ -632,7 +694,7 @@ def run_sweep(sweep: Sweep, compare: bool = True) -> dict[str, Any]:
                                        storage_filesystem=storage.ray_kwargs().get("storage_filesystem"))
         else:
             tuner = tune.Tuner(
-                trainable, param_space={k: v.to_tune() for k, v in sweep.cfg.space.items()},
+                trainable, param_space=sweep.cfg.param_space(),
                 tune_config=tune.TuneConfig(
                     num_samples=sweep.cfg.num_samples, scheduler=_scheduler(sweep),
                     max_concurrent_trials=sweep.cfg.max_concurrent_trials or fits,

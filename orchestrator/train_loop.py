@@ -41,8 +41,9 @@ def dataset_paths(cfg: ExperimentConfig) -> dict[str, Any]:
     """Where the data is; the synthetic dataset is written (once, atomically) on first use."""
     if cfg.data.synthetic is not None:
         s = cfg.data.synthetic
-        return make_synthetic_coco(s.root, num_train=s.num_train, num_val=s.num_val, image_size=tuple(s.image_size),
-                                   num_classes=s.num_classes, seed=s.seed)
+        return make_synthetic_coco(s.folder(), num_train=s.num_train, num_val=s.num_val,
+                                   image_size=tuple(s.image_size), num_classes=s.num_classes, seed=s.seed,
+                                   colours=s.colours)
     return {"train_images": cfg.data.train_images, "train_json": cfg.data.train_json,
             "val_images": cfg.data.val_images, "val_json": cfg.data.val_json}
 
@@ -64,7 +65,7 @@ def build_val_dataset(cfg: ExperimentConfig, paths: dict[str, Any] | None = None
 
 def build_model(cfg: ExperimentConfig, num_classes: int):
     return build_detector(cfg.model.engine, cfg.model.detector, num_classes, backbone=cfg.backbone.name,
-                          tuning=cfg.tuning.method, weights=cfg.backbone.weights,
+                          tuning=cfg.tuning.method, weights=cfg.backbone.weight_file(),
                           hyperparameters=cfg.tuning.hyperparameters, detector_options=cfg.model.options,
                           drop_path_rate=cfg.backbone.drop_path_rate, **cfg.backbone.overrides)
 
@@ -195,6 +196,9 @@ def train_loop_per_worker(config: dict) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     logging.getLogger("detectors").setLevel(logging.INFO)
     cfg = ExperimentConfig.model_validate(config["experiment"])
+    if cfg.backbone.upstream is not None:
+        from orchestrator.pretrain import install_on_this_node
+        install_on_this_node(cfg.backbone.upstream, config.get("upstream_checkpoint"))
     hooks = _RayHooks(cfg, config.get("resume_from"))
     hooks.progress = config.get("progress")
     _train(cfg, hooks, config.get("fail_at_step"))
@@ -202,6 +206,8 @@ def train_loop_per_worker(config: dict) -> None:
 
 def train_locally(cfg: ExperimentConfig) -> dict:
     """The same loop in this process, no Ray and no tracking: returns the last metrics."""
+    from orchestrator.pretrain import resolve_upstream
+    resolve_upstream(cfg)
     return _train(cfg, _Hooks())
 
 

@@ -80,6 +80,9 @@ def load_trained(source: str | Path, *, weights: str | None = None, tracking_uri
     if weights is not None:
         overrides = [*overrides, f"backbone.weights={weights}"]
     cfg = load_experiment(experiment, overrides)
+    if cfg.backbone.upstream is not None:  # the cached pre-training, or the same one trained again
+        from orchestrator.pretrain import pretrained_checkpoint
+        pretrained_checkpoint(cfg.backbone.upstream, "backbone.upstream")
     if cfg.backbone.weights is not None and not Path(cfg.backbone.weights).is_file():
         raise UserInputError(f"backbone.weights: {cfg.backbone.weights} does not exist (give the frozen backbone's "
                              f"weights with --weights)")
@@ -91,7 +94,7 @@ def load_trained(source: str | Path, *, weights: str | None = None, tracking_uri
     fingerprint = backbone_fingerprint(detector.backbone)
     theirs = state.get("identity", {}).get("fingerprint")
     if theirs is not None and theirs != fingerprint:
-        given = cfg.backbone.weights or f"the seeded initialisation (seed {cfg.seed})"
+        given = cfg.backbone.weight_file() or f"the seeded initialisation (seed {cfg.seed})"
         raise UserInputError(f"checkpoint {checkpoint} was trained on other frozen weights than {given}: its "
                              f"fingerprint is {theirs[:12]}, these weights' is {fingerprint[:12]}")
     load_checkpoint(checkpoint, detector, None, None, identity={**config_identity(cfg), "fingerprint": fingerprint})

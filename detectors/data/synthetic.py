@@ -31,6 +31,7 @@ _SIZE_RANGES = ((10, 30), (36, 90), (100, 180))
 _SIZE_PROBS = (0.35, 0.4, 0.25)
 _RLE_PROB = 0.25  # polygonal shapes stored as RLE anyway, so both formats appear for any classes
 _GENERATOR_VERSION = 1  # bump when the drawing changes, so stale datasets are regenerated
+COLOUR_MODES = ("by_class", "random")
 _IMAGE_NAME = re.compile(r"^\d{6}\.png$")
 
 
@@ -41,17 +42,24 @@ def make_synthetic_coco(
     image_size: tuple[int, int] = (256, 320),
     num_classes: int = 3,
     seed: int = 0,
+    colours: str = "by_class",
 ) -> dict[str, Any]:
     """Write (or reuse) the dataset under ``out_dir`` and return its paths and class names.
+
+    ``colours``: ``by_class`` paints each class its own colour (colour alone tells the class);
+    ``random`` paints every object a random colour, so only its shape does.
 
     A manifest of the parameters is written last; a later call with the same parameters finds it
     and returns at once, while an interrupted call leaves no manifest and is redone.
     """
     _validate(num_train, num_val, image_size, num_classes)
+    if colours not in COLOUR_MODES:
+        raise UserInputError(f"colours must be one of {', '.join(COLOUR_MODES)}, got {colours!r}")
     out = Path(out_dir)
     height, width = int(image_size[0]), int(image_size[1])
     params = {"version": _GENERATOR_VERSION, "num_train": num_train, "num_val": num_val,
-              "image_size": [height, width], "num_classes": num_classes, "seed": seed}
+              "image_size": [height, width], "num_classes": num_classes, "seed": seed,
+              **({"colours": colours} if colours != "by_class" else {})}
     result = {
         "train_images": str(out / "train"),
         "train_json": str(out / "annotations" / "instances_train.json"),
@@ -65,7 +73,7 @@ def make_synthetic_coco(
         return result
     manifest.unlink(missing_ok=True)
     for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):
-        coco = _write_split(out / split, split_index, count, height, width, num_classes, seed)
+        coco = _write_split(out / split, split_index, count, height, width, num_classes, seed, colours)
         atomic_write_json(result[f"{split}_json"], coco)
     atomic_write_json(manifest, params)
     return result
@@ -100,7 +108,7 @@ def _is_complete(manifest: Path, params: dict, result: dict, counts: dict[str, i
 
 
 def _write_split(image_dir: Path, split_index: int, count: int, height: int, width: int,
-                 num_classes: int, seed: int) -> dict[str, Any]:
+                 num_classes: int, seed: int, colours: str = "by_class") -> dict[str, Any]:
     image_dir.mkdir(parents=True, exist_ok=True)
     wanted = {f"{i:06d}.png" for i in range(1, count + 1)}
     for stale in os.listdir(image_dir):  # left by an earlier run with more images
@@ -111,7 +119,7 @@ def _write_split(image_dir: Path, split_index: int, count: int, height: int, wid
         # One generator per image: an image depends only on (seed, split, index), so changing
         # num_train does not change the validation images.
         rng = np.random.default_rng([seed, split_index, image_id])
-        pixels, objects = _draw_image(rng, height, width, num_classes)
+        pixels, objects = _draw_image(rng, height, width, num_classes, colours)
         file_name = f"{image_id:06d}.png"
         atomic_save_png(image_dir / file_name, pixels)
         images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
@@ -128,8 +136,8 @@ def _write_split(image_dir: Path, split_index: int, count: int, height: int, wid
             "categories": categories}
 
 
-def _draw_image(rng: np.random.Generator, height: int, width: int,
-                num_classes: int) -> tuple[np.ndarray, list[tuple[int, Any, dict]]]:
+def _draw_image(rng: np.random.Generator, height: int, width: int, num_classes: int,
+                colours: str = "by_class") -> tuple[np.ndarray, list[tuple[int, Any, dict]]]:
     pixels = _background(rng, height, width)
     placed: list[tuple[int, int, int, int]] = []
     objects = []
@@ -143,7 +151,7 @@ def _draw_image(rng: np.random.Generator, height: int, width: int,
         if not mask.any():
             continue
         placed.append(box)
-        pixels[mask] = _COLOURS[class_index]
+        pixels[mask] = _COLOURS[class_index] if colours == "by_class" else rng.integers(0, 256, size=3)
         if polygon is not None and rng.random() >= _RLE_PROB:
             segmentation: Any = [polygon]
         else:

@@ -13,7 +13,7 @@ pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-DEMO = Path(__file__).resolve().parents[2] / "experiments" / "demo.yaml"
+DEMO = Path(__file__).resolve().parents[2] / "experiments" / "tiny.yaml"
 FAST = ["schedule.iterations=4", "checkpoint.period=2", "schedule.batch_size=2",
         "data.synthetic.num_train=16", "data.synthetic.num_val=4"]
 
@@ -32,8 +32,8 @@ def finished(tmp_path_factory):
     assert result.returncode == 0, result.stderr[-3000:]
     uri = f"sqlite:///{root}/mlflow.db"
     client = MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("e3va-demo").experiment_id])
-    return {"root": root, "run_dir": root / "demo", "uri": uri, "run": run, "val": root / "synthetic" / "val"}
+    (run,) = client.search_runs([client.get_experiment_by_name("e3va-tiny").experiment_id])
+    return {"root": root, "run_dir": root / "tiny", "uri": uri, "run": run, "val": root / "synthetic" / "val"}
 
 
 def logged_figures(run) -> dict[str, float]:
@@ -78,13 +78,13 @@ def test_predict_writes_coco_results_and_pictures_with_the_boxes_drawn(finished,
     gt.createIndex()
     drawn_any = False
     for image_id, path in enumerate(images, start=1):
-        results = json.loads((tmp_path / "out" / "demo" / f"{path.stem}.json").read_text())
+        results = json.loads((tmp_path / "out" / "tiny" / f"{path.stem}.json").read_text())
         if results:
             loaded = gt.loadRes(results)  # pycocotools reads them as results
             assert len(loaded.anns) == len(results)
             assert all(r["category_name"] in {"circle", "square", "triangle"} and r["score"] >= 0.3 for r in results)
         original = np.asarray(Image.open(path).convert("RGB")).astype(int)
-        picture = np.asarray(Image.open(tmp_path / "out" / "demo" / f"{path.stem}.png")).astype(int)
+        picture = np.asarray(Image.open(tmp_path / "out" / "tiny" / f"{path.stem}.png")).astype(int)
         assert picture.shape == original.shape
         near = np.zeros(original.shape[:2], bool)
         for x, y, w, h in (r["bbox"] for r in results):
@@ -104,7 +104,7 @@ def test_three_tasks_share_one_frozen_pass_and_predict_as_alone(finished, tmp_pa
     together = predict_images([str(finished["run_dir"])] * 3, [val], str(tmp_path / "together"), score_threshold=0.0)
     assert together["tasks"] == ["demo-1", "demo-2", "demo-3"]
     assert alone["frozen_passes"] == together["frozen_passes"] == len(together["images"])  # once per image
-    for path in (tmp_path / "alone" / "demo").glob("*.json"):
+    for path in (tmp_path / "alone" / "tiny").glob("*.json"):
         for task in together["tasks"]:
             assert (tmp_path / "together" / task / path.name).read_text() == path.read_text()
 
@@ -205,7 +205,7 @@ def test_serve_answers_as_predict_does_and_keeps_serving_after_bad_requests(fini
         predict_images([run], [str(finished["val"])], str(tmp_path / "predicted"), score_threshold=0.0)
         images = sorted(finished["val"].glob("*.png"))
         for index, path in enumerate(images, start=1):
-            expected = json.loads((tmp_path / "predicted" / "demo" / f"{path.stem}.json").read_text())
+            expected = json.loads((tmp_path / "predicted" / "tiny" / f"{path.stem}.json").read_text())
             expected = [{**r, "image_id": 1} for r in expected]
             status, answer = http(f"{url}/predict", path.read_bytes(), "image/png")
             assert status == 200 and answer["tasks"] == {"demo-1": expected, "demo-2": expected}

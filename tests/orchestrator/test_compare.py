@@ -44,7 +44,35 @@ def store(tmp_path_factory):
                     {**method_params("lorand", "lorand", branches * kernel, 1.0, branches=branches, kernel=kernel),
                      "tuning.hyperparameters.branches": branches, "tuning.hyperparameters.kernel": kernel},
                     {"seconds_per_iteration": 0.3, "val_bbox_AP": 30 + branches + kernel / 4}, parent=parent)
+    transfer = experiment_id(client, "transfer", uri)
+    for init, images, full_ap, e3va_ap in (("upstream", 32, 30.0, 31.0), ("upstream", 256, 50.0, 47.0),
+                                           ("random", 32, 10.0, 4.0)):
+        for method, ap, memory in (("full", full_ap, 2000), ("e3va", e3va_ap, 800)):
+            add_run(client, transfer, f"t-{method}-{init}-{images}",
+                    {**method_params(method, method, 10, 1.0), "backbone_init": init, "train_images": images,
+                     "tuning.method": method, "data.synthetic.num_train": images},
+                    {"peak_memory_mb": memory, "seconds_per_iteration": 1.0, "val_bbox_AP": ap,
+                     "val_bbox_AP50": 2 * ap})
     return uri, parent
+
+
+def test_runs_in_several_settings_are_compared_with_the_full_run_of_their_own(store, tmp_path, capsys):
+    """A transfer benchmark: each (backbone start, data budget) is a block with its own full reference."""
+    uri, _ = store
+    assert main(["compare", "--experiment", "transfer", "--tracking-uri", uri, "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("run "))
+    assert header.split()[:3] == ["run", "setting", "method"] and "AP50" in header
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("t-")}
+    assert len(rows) == 6
+    e3va_small = rows["t-e3va-upstream-32"]
+    assert e3va_small[1:3] == ["backbone_init=upstream", "train_images=32"]
+    # against full at 32 images from the pre-training (30.0), not any other full run
+    assert e3va_small[-6:-3] == ["31.0", "62.0", "+1.0"] and "40%" in e3va_small
+    assert rows["t-e3va-upstream-256"][-6:-3] == ["47.0", "94.0", "-3.0"]
+    assert rows["t-e3va-random-32"][-6:-3] == ["4.0", "8.0", "-6.0"]
+    order = [line.split()[0] for line in out.splitlines() if line.startswith("t-")]
+    assert order.index("t-full-random-32") < order.index("t-full-upstream-256")  # grouped by setting
 
 
 def table_lines(text: str) -> list[str]:
@@ -59,7 +87,8 @@ def test_the_table_gives_ratios_and_deltas_to_full(store, tmp_path, capsys):
     assert full.split()[:3] == ["full", "full", "full"]
     cells = e3va.split()
     assert cells[:3] == ["e3va", "e3va", "e3va"]  # rank 8 is e3va's default: no hyperparameter shown
-    assert cells[3:] == ["0.000", "2.00", "1000", "50%", "0.500", "50%", "39.0", "-1.0", "34.5", "-0.5", "finished"]
+    assert cells[3:] == ["0.000", "2.00", "1000", "50%", "0.500", "50%", "39.0", "-", "-1.0", "34.5", "-0.5",
+                         "finished"]
     assert "note: no heat map" in out  # only one method per row: nothing swept twice
     assert (tmp_path / "out" / "ap_vs_memory.png").is_file()
 

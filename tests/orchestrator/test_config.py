@@ -8,7 +8,7 @@ import pytest
 from detectors.errors import UserInputError
 from orchestrator.config import load_experiment
 
-DEMO = Path(__file__).resolve().parents[2] / "experiments" / "demo.yaml"
+DEMO = Path(__file__).resolve().parents[2] / "experiments" / "tiny.yaml"
 
 
 def write(tmp_path, text: str) -> Path:
@@ -33,6 +33,12 @@ def test_demo_experiment_loads_and_overrides_apply():
     ("data: {synthetic: {}}\n", [], "schedule: required field is missing"),
     ("data: {synthetic: {}}\nschedule: {iterations: 10, epochs: 2}\n", [], "exactly one of 'iterations'"),
     ("data: {}\nschedule: {iterations: 10}\n", [], "either 'synthetic' or all of"),
+    ("data: {synthetic: {}}\nschedule: {iterations: 10}\n", ["backbone.upstream={stepz: 5}"],
+     "backbone.upstream.stepz: unknown key"),
+    ("data: {synthetic: {}}\nschedule: {iterations: 10}\n", ["backbone.upstream={}", "backbone.weights=w.pth"],
+     "backbone: give either weights or upstream"),
+    ("data: {synthetic: {root: 'out/{size}'}}\nschedule: {iterations: 10}\n", [],
+     "data.synthetic: root: 'out/{size}' names 'size'"),
 ])
 def test_bad_experiments_name_the_file_and_field(tmp_path, text, overrides, expected):
     path = write(tmp_path, text)
@@ -56,6 +62,27 @@ def test_run_refuses_missing_files_before_creating_anything(tmp_path, field, val
     assert len(lines) == 1 and lines[0].startswith("error:") and value in lines[0], result.stderr
     assert not (tmp_path / "out" / "mlflow.db").exists()  # no half-created run
     assert text == DEMO.read_text()
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["backbone.name=swin_t", "backbone.overrides={}"], "backbone.upstream: pre-trains swin_mini (embed_dim 48"),
+    (["backbone.upstream.cache_dir={blocker}/cache"], "backbone.upstream.cache_dir: {blocker}/cache is not a writable"),
+])
+def test_an_upstream_that_cannot_serve_the_run_is_one_line_before_anything_is_written(tmp_path, overrides, expected):
+    """The demo starts from the upstream pre-training: one that does not fit the backbone, or a cache
+    that cannot be written, is said in one line before any pre-training, data or run folder."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    overrides = [o.replace("{blocker}", str(blocker)) for o in overrides]
+    demo = DEMO.parent / "demo.yaml"
+    result = subprocess.run([sys.executable, "-m", "orchestrator", "run", str(demo), "--set", f"output_dir={tmp_path}/out",
+                             "--set", f"data.synthetic.root={tmp_path}/data", *sum((["--set", o] for o in overrides), [])],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected.replace("{blocker}", str(blocker)) in lines[0], result.stderr
+    assert "pre-training" not in result.stdout
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
 
 
 @pytest.mark.parametrize("override, expected", [

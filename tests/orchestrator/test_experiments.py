@@ -11,7 +11,7 @@ EXPERIMENTS = sorted((Path(__file__).resolve().parents[2] / "experiments").glob(
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
 def test_experiment_file_validates(path):
     cfg = load_experiment(path)
-    assert cfg.name == path.stem or path.stem == "demo"
+    assert cfg.name == path.stem
 
 
 def test_the_papers_recipes_are_all_there():

@@ -12,7 +12,7 @@ import pytest
 from orchestrator.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "experiments" / "demo.yaml"
+DEMO = ROOT / "experiments" / "tiny.yaml"
 VALID = DEMO.read_text()
 LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))
@@ -20,7 +20,7 @@ LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
 CORPUS = {  # name -> (file contents, what the one line says)
     "not utf-8": (b"name: \xff\xfe caf\xe9\n", "not UTF-8 text (byte 0xff at offset 6)"),
     "utf-16": ("name: demo\n".encode("utf-16"), "not UTF-8 text"),
-    "duplicate key": (VALID.replace("name: demo", "name: demo\nseed: 1\nseed: 2").encode(),
+    "duplicate key": (VALID.replace("name: tiny", "name: tiny\nseed: 1\nseed: 2").encode(),
                       "the key 'seed' is given twice"),
     "duplicate nested key": (b"schedule: {iterations: 2, lr: 0.1, lr: 0.001}\n", "the key 'lr' is given twice"),
     "python object": (b"name: !!python/object/apply:os.system ['touch PWNED']\n", "not valid YAML"),

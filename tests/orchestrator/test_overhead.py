@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-DEMO = Path(__file__).resolve().parents[2] / "experiments" / "demo.yaml"
+DEMO = Path(__file__).resolve().parents[2] / "experiments" / "tiny.yaml"
 
 
 def test_overhead_alternates_both_paths_and_reports_the_ratio_of_their_medians(tmp_path):

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from orchestrator.config import load_experiment  # noqa: E402
 from orchestrator.run import check_cluster  # noqa: E402
 
-DEMO = Path(__file__).resolve().parents[2] / "experiments" / "demo.yaml"
+DEMO = Path(__file__).resolve().parents[2] / "experiments" / "tiny.yaml"
 # the simulated nodes share this machine's disk: storage.shared says so (else the run is refused)
 FAST = ["storage.shared=true", "schedule.iterations=2", "checkpoint.period=0", "data.synthetic.num_train=12",
         "data.synthetic.num_val=2",
@@ -33,7 +33,7 @@ def test_workers_land_on_the_gpu_kind_the_experiment_asks_for(tmp_path):
         result = run(tmp_path, env, address, "scaling.gpu_kind=v100")
         assert result.returncode == 0, result.stderr[-3000:]
         client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-        [mlflow_run] = client.search_runs([client.get_experiment_by_name("e3va-demo").experiment_id])
+        [mlflow_run] = client.search_runs([client.get_experiment_by_name("e3va-tiny").experiment_id])
         # both workers found themselves on the v100 node and took its batch size
         assert mlflow_run.data.params["batch_sizes"] == "[3, 3]" and mlflow_run.data.params["gpu_kind"] == "v100"
 

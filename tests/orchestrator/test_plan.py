@@ -22,7 +22,7 @@ def orchestrator(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_plan_prints_one_row_per_method_and_batch_with_fit_marks():
-    result = orchestrator("plan", "experiments/demo.yaml", *TINY, "--methods", "fixed,e3va",
+    result = orchestrator("plan", "experiments/tiny.yaml", *TINY, "--methods", "fixed,e3va",
                           "--gpus", "tiny=0.1,big=4", "--reserve", "0", "--profile-sizes", "64x64,96x96")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -35,7 +35,7 @@ def test_plan_prints_one_row_per_method_and_batch_with_fit_marks():
 
 @pytest.mark.slow
 def test_plan_json():
-    result = orchestrator("plan", "experiments/demo.yaml", *TINY, "--methods", "e3va", "--batches", "1",
+    result = orchestrator("plan", "experiments/tiny.yaml", *TINY, "--methods", "e3va", "--batches", "1",
                           "--gpus", "v100=32,tiny=0.05", "--profile-sizes", "64x64,96x96", "--json")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
@@ -48,7 +48,7 @@ def test_plan_json():
 
 @pytest.mark.slow
 def test_a_row_that_fits_no_gpu_gets_a_footnote():
-    result = orchestrator("plan", "experiments/demo.yaml", *TINY, "--methods", "e3va", "--batches", "1",
+    result = orchestrator("plan", "experiments/tiny.yaml", *TINY, "--methods", "e3va", "--batches", "1",
                           "--gpus", "tiny=0.05", "--profile-sizes", "64x64,96x96")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1].startswith("* e3va at batch 1 fits no listed GPU (needs 0.1")
@@ -63,7 +63,7 @@ def test_a_row_that_fits_no_gpu_gets_a_footnote():
     (("--profile-sizes", "64"), "--profile-sizes"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_profiling(args, named):
-    result = orchestrator("plan", "experiments/demo.yaml", *args)
+    result = orchestrator("plan", "experiments/tiny.yaml", *args)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and named in result.stderr
     assert "MiB dynamic" not in result.stderr  # nothing was profiled
@@ -91,7 +91,7 @@ def test_auto_batch_size_is_the_largest_the_planner_fits_in_the_workers_memory()
     from orchestrator.config import load_experiment
     from orchestrator.plan import GIB, auto_batch_size, plan_for
     overrides = [item for item in TINY if item != "--set"]
-    cfg = load_experiment(REPO / "experiments" / "demo.yaml", overrides)
+    cfg = load_experiment(REPO / "experiments" / "tiny.yaml", overrides)
     cpu = torch.device("cpu")
     plan = plan_for(cfg, "e3va", cfg.tuning.hyperparameters, cpu)
     room_for_three = plan.peak_bytes(3) + 0.5 * GIB + (plan.peak_bytes(4) - plan.peak_bytes(3)) / 2
@@ -99,6 +99,6 @@ def test_auto_batch_size_is_the_largest_the_planner_fits_in_the_workers_memory()
     with pytest.raises(UserInputError, match="auto: one .* image needs .* GiB with e3va"):
         auto_batch_size(cfg, cpu, plan.peak_bytes(1) / 2)
     with pytest.raises(UserInputError, match="'auto' sizes batches to each worker's GPU memory"):
-        load_experiment(REPO / "experiments" / "demo.yaml", ["schedule.batch_size=auto"])
-    assert load_experiment(REPO / "experiments" / "demo.yaml",
+        load_experiment(REPO / "experiments" / "tiny.yaml", ["schedule.batch_size=auto"])
+    assert load_experiment(REPO / "experiments" / "tiny.yaml",
                            ["schedule.batch_size=auto", "scaling.use_gpu=true"]).batch_sizes() is None

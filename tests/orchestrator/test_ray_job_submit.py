@@ -24,7 +24,7 @@ def test_ray_job_submit_runs_the_demo_experiment_on_a_running_cluster(cluster, t
     out = tmp_path / "out"
     result = subprocess.run(
         [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
-         "--", "python", "-m", "orchestrator", "run", "experiments/demo.yaml",
+         "--", "python", "-m", "orchestrator", "run", "experiments/tiny.yaml",
          "--set", "schedule.iterations=3", "--set", "checkpoint.period=0", "--set", "schedule.batch_size=2",
          "--set", "data.synthetic.num_train=8", "--set", "data.synthetic.num_val=4",
          "--set", f"data.synthetic.root={tmp_path}/synthetic", "--set", f"output_dir={out}"],
@@ -32,6 +32,6 @@ def test_ray_job_submit_runs_the_demo_experiment_on_a_running_cluster(cluster, t
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert "succeeded" in (result.stdout + result.stderr).lower()
     client = MlflowClient(f"sqlite:///{out}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("e3va-demo").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("e3va-tiny").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert "val_bbox_AP50" in runs[0].data.metrics

@@ -12,9 +12,15 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from orchestrator.config import load_experiment  # noqa: E402
 
-DEMO = Path(__file__).resolve().parents[2] / "experiments" / "demo.yaml"
+DEMO = Path(__file__).resolve().parents[2] / "experiments" / "tiny.yaml"
 FAST = ["schedule.iterations=4", "checkpoint.period=2", "schedule.batch_size=2",
         "data.synthetic.num_train=16", "data.synthetic.num_val=4"]
+
+
+def quick_upstream(tmp_path) -> list[str]:
+    """The demo's pre-training cut to two steps, cached in the test's folder."""
+    return ["backbone.upstream.steps=2", "backbone.upstream.warmup_steps=1", "backbone.upstream.batch_size=4",
+            f"backbone.upstream.cache_dir={tmp_path}/pretrained"]
 
 
 def only_run(tracking_uri: str, experiment: str):
@@ -35,10 +41,12 @@ def ray_local():
 def test_demo_command_finishes_an_mlflow_run_with_coco_metrics_and_the_adapter_checkpoint(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "orchestrator", "demo", *sum((["--set", s] for s in FAST), []), "--set", "scaling.workers=2",
-         "--set", f"output_dir={tmp_path}", "--set", f"data.synthetic.root={tmp_path}/synthetic"],
+         "--set", f"output_dir={tmp_path}", "--set", f"data.synthetic.root={tmp_path}/synthetic",
+         *sum((["--set", s] for s in quick_upstream(tmp_path)), [])],
         capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mlflow ui --backend-store-uri" in result.stdout and "AP50" in result.stdout
+    assert "pre-trained in" in result.stdout and "upstream validation: objectness" in result.stdout
     # without a terminal: a few lines for the user, each once (two workers report; rank 0's are shown);
     # Ray's and pycocotools' own output in the log
     lines = (result.stdout + result.stderr).splitlines()
@@ -51,13 +59,14 @@ def test_demo_command_finishes_an_mlflow_run_with_coco_metrics_and_the_adapter_c
     assert "Traceback" not in result.stdout + result.stderr
     client, run = only_run(f"sqlite:///{tmp_path}/mlflow.db", "e3va-demo")
     assert run.info.status == "FINISHED"
+    assert run.data.params["backbone_init"] == "upstream 2 steps s0"
     assert run.info.artifact_uri.startswith(tmp_path.resolve().as_uri())  # beside the store, not in ./mlruns
     assert run.data.params["method"] == "e3va" and run.data.params["rank"] == "8"
     assert run.data.params["workers"] == "2" and run.data.metrics["world_size"] == 2
     # what a user compares by: the run named for what it is, its tags, its data, the machine's load
-    assert run.info.run_name == "e3va-r8 swin_t mask_rcnn"
+    assert run.info.run_name == "e3va-r8 swin_mini mask_rcnn"
     assert {k: run.data.tags[k] for k in ("method", "backbone", "detector", "task")} == {
-        "method": "e3va", "backbone": "swin_t", "detector": "mask_rcnn", "task": "instance-segmentation"}
+        "method": "e3va", "backbone": "swin_mini", "detector": "mask_rcnn", "task": "instance-segmentation"}
     (dataset,) = run.inputs.dataset_inputs
     assert dataset.dataset.name == "synthetic-shapes-16+4" and dataset.tags[0].value == "train"
     assert "system/cpu_utilization_percentage" in run.data.metrics and "system/system_memory_usage_megabytes" in \
@@ -81,7 +90,7 @@ def test_two_gloo_workers_take_part_and_split_the_data_by_their_batch_sizes(tmp_
     assert metrics["run/images_rank0"] == 4 and metrics["run/images_rank1"] == 12
     assert metrics["run/images_seen_by_two_ranks"] == 0
     assert metrics["run/peak_memory_mb_rank0"] > 100 and metrics["run/peak_memory_mb_rank1"] > 100
-    client, run = only_run(outcome["tracking_uri"], "e3va-demo")
+    client, run = only_run(outcome["tracking_uri"], "e3va-tiny")
     assert run.data.params["batch_total"] == "4" and run.data.params["batch_per_worker"] == "[1, 3]"
     # each rank predicted its own half of the 4 validation images; the merged COCO figures are one process's
     assert metrics["eval_images_rank0"] == 2 and metrics["eval_images_rank1"] == 2
@@ -117,7 +126,7 @@ def test_a_worker_failure_resumes_from_the_checkpoint_without_losing_or_repeatin
     cfg = load_experiment(DEMO, FAST + ["schedule.iterations=6", f"output_dir={tmp_path}",
                                         f"data.synthetic.root={tmp_path}/synthetic"])
     outcome = run_experiment(cfg, fail_at_step=3)  # the worker dies after the step-2 checkpoint
-    client, run = only_run(outcome["tracking_uri"], "e3va-demo")
+    client, run = only_run(outcome["tracking_uri"], "e3va-tiny")
     assert run.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert sorted(steps) == [1, 2, 3, 4, 5, 6], steps
@@ -160,13 +169,13 @@ def test_a_stopped_run_is_continued_by_running_the_command_again(tmp_path):
             "--set", f"data.synthetic.root={tmp_path}/synthetic"]
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 600
-    while not list((tmp_path / "demo" / "ray").glob("**/trainable.safetensors")):
+    while not list((tmp_path / "tiny" / "ray").glob("**/trainable.safetensors")):
         assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()[-3000:]
         time.sleep(0.5)
     first.send_signal(signal.SIGTERM)
     output = first.communicate(timeout=300)[0]
     assert first.returncode != 0, output[-3000:]
-    client, run = only_run(f"sqlite:///{tmp_path}/mlflow.db", "e3va-demo")
+    client, run = only_run(f"sqlite:///{tmp_path}/mlflow.db", "e3va-tiny")
     assert run.info.status == "KILLED"
 
     second = subprocess.run(args, capture_output=True, text=True, timeout=900)
@@ -177,7 +186,7 @@ def test_a_stopped_run_is_continued_by_running_the_command_again(tmp_path):
     assert len(lines) <= 40 and sum("resuming from step" in line for line in lines) == 1, "\n".join(lines)
     shown = [line.split()[1] for line in lines if line.startswith("step ")]
     assert shown and len(shown) == len(set(shown)) and shown[-1] == "8/8", "\n".join(lines)  # rank 0's, once each
-    client, resumed = only_run(f"sqlite:///{tmp_path}/mlflow.db", "e3va-demo")
+    client, resumed = only_run(f"sqlite:///{tmp_path}/mlflow.db", "e3va-tiny")
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")}
     assert steps == set(range(1, 9))

@@ -22,7 +22,7 @@ from orchestrator.storage import open_storage  # noqa: E402
 from conftest import S3_SECRET, free_port, make_bucket, s3_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "experiments" / "demo.yaml"
+DEMO = ROOT / "experiments" / "tiny.yaml"
 FAST = ["schedule.iterations=6", "checkpoint.period=2", "schedule.batch_size=2",
         "data.synthetic.num_train=8", "data.synthetic.num_val=4"]
 
@@ -38,7 +38,7 @@ def places(tmp: Path, prefix: str) -> list[str]:
     return [f"output_dir={tmp}", f"data.synthetic.root={tmp}/synthetic", f"storage=s3://runs/{prefix}"]
 
 
-def train_loss_steps(tracking_uri: str, experiment: str = "e3va-demo") -> tuple[list[int], object]:
+def train_loss_steps(tracking_uri: str, experiment: str = "e3va-tiny") -> tuple[list[int], object]:
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     return sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss")), run
@@ -103,11 +103,11 @@ def test_a_worker_failure_resumes_from_the_newest_checkpoint_in_s3_logging_each_
     steps, run = train_loss_steps(outcome["tracking_uri"])
     assert run.info.status == "FINISHED" and steps == [1, 2, 3, 4, 5, 6]
     storage = open_storage("s3://runs/failure")
-    checkpoints = {p.rsplit("/", 2)[-2] for p in storage.files(storage.path("demo")) if p.endswith(WEIGHTS)}
+    checkpoints = {p.rsplit("/", 2)[-2] for p in storage.files(storage.path("tiny")) if p.endswith(WEIGHTS)}
     assert len(checkpoints) == 2  # num_to_keep
-    assert newest_checkpoint(storage, storage.path("demo"))[1]["step"] == 6
-    assert not list((tmp_path / "demo").glob("**/" + WEIGHTS))  # nothing of the run's state on local disk
-    assert outcome["checkpoint"].startswith("runs/failure/demo/")
+    assert newest_checkpoint(storage, storage.path("tiny"))[1]["step"] == 6
+    assert not list((tmp_path / "tiny").glob("**/" + WEIGHTS))  # nothing of the run's state on local disk
+    assert outcome["checkpoint"].startswith("runs/failure/tiny/")
     # the credentials reached the workers through the environment, and were written nowhere
     client = MlflowClient(outcome["tracking_uri"])
     resolved = Path(client.download_artifacts(run.info.run_id, "experiment.yaml", str(tmp_path / "dl"))).read_text()

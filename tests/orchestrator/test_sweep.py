@@ -13,7 +13,7 @@ from orchestrator.cli import main  # noqa: E402
 from orchestrator.sweep import load_sweep, run_sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "experiments" / "demo.yaml"
+DEMO = ROOT / "experiments" / "tiny.yaml"
 ITERATIONS = 6
 # Every step reports (checkpoint.period=1), so ASHA sees train/loss at each step; no warm-up, so a
 # too-large learning rate blows the loss up from the second step on (the first loss is the same for all).
@@ -172,3 +172,38 @@ def test_the_ablation_sweeps_load_and_span_the_papers_grids():
     assert [c.tuning.method for c in methods.configs] == ["full", "fixed", "bitfit", "norm", "partial-1", "adapter",
                                                           "lora", "adaptformer", "lorand", "e3va"]
     assert all(c.tuning.hyperparameters == {} for c in methods.configs)
+    transfer = load_sweep(ablations / "transfer.yaml")
+    setups = [(c.tuning.method, c.data.synthetic.num_train, c.backbone.upstream is not None) for c in transfer.configs]
+    assert transfer.cfg.num_trials == len(setups) == 24 and len(set(setups)) == 24
+    assert {(m, n) for m, n, pretrained in setups if not pretrained} == {
+        (m, n) for m in ("full", "e3va") for n in (32, 256)}
+    assert {m for m, _, pretrained in setups if pretrained} == set(methods.cfg.space["tuning.method"].grid)
+    # each data budget in its own folder: trials of both run at once without sharing files
+    assert len({c.data.synthetic.folder() for c in transfer.configs}) == 2
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"include": [{"tuning.hyperparameters.rnk": 8}]}, 'include[0]: the trial tuning.hyperparameters.rnk=8:'),
+    ({"include": [{"name": "x"}]}, "include: name: set by the sweep for each trial"),
+    ({"include": [{"seed": 1}], "space": {"schedule.lr": {"uniform": [0.001, 0.01]}}},
+     "include: extra trials need a space of grids only"),
+])
+def test_bad_included_trials_fail_in_one_line(tmp_path, capsys, fields, message):
+    path = write_sweep(tmp_path, **fields)
+    assert main(["sweep", str(path), "--set", f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.slow
+def test_included_trials_run_beside_the_grid_as_children_named_for_their_fields(tmp_path, ray_local):
+    """A grid of two ranks plus one included control with another seed: three child runs."""
+    path = write_sweep(tmp_path, space={"tuning.hyperparameters.rank": {"grid": [4, 8]}},
+                       include=[{"tuning": {"hyperparameters": {"rank": 4}}, "seed": 7}])
+    sweep = load_sweep(path, [*TINY, "schedule.iterations=2", "checkpoint.period=0", *places(tmp_path)])
+    assert sweep.cfg.include == [{"tuning.hyperparameters.rank": 4, "seed": 7}]
+    outcome = run_sweep(sweep, compare=False)
+    runs = {r.info.run_name: r for r in children(outcome)}
+    assert set(runs) == {"tiny-rank=4", "tiny-rank=8", "tiny-seed=7-rank=4"}, set(runs)
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    assert runs["tiny-seed=7-rank=4"].data.params["seed"] == "7" and "seed" not in runs["tiny-rank=8"].data.params

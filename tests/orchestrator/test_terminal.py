@@ -16,7 +16,7 @@ pytest.importorskip("ray")
 pytest.importorskip("mlflow")
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "experiments" / "demo.yaml"
+DEMO = ROOT / "experiments" / "tiny.yaml"
 TINY = ["schedule.iterations=6", "checkpoint.period=3", "schedule.batch_size=2", "data.synthetic.num_train=8",
         "data.synthetic.num_val=4"]
 
@@ -29,7 +29,9 @@ def sets(*overrides: str) -> list[str]:
 def test_the_demo_under_a_terminal_shows_a_progress_bar_that_advances(tmp_path):
     main, child = pty.openpty()
     demo = subprocess.Popen([sys.executable, "-m", "orchestrator", "demo",
-                             *sets(*TINY, f"output_dir={tmp_path}", f"data.synthetic.root={tmp_path}/synthetic")],
+                             *sets(*TINY, f"output_dir={tmp_path}", f"data.synthetic.root={tmp_path}/synthetic",
+                                   "backbone.upstream.steps=2", "backbone.upstream.batch_size=4",
+                                   f"backbone.upstream.cache_dir={tmp_path}/pretrained")],
                             stdin=child, stdout=child, stderr=child, close_fds=True)
     os.close(child)
     screen, deadline = b"", time.monotonic() + 600
@@ -53,6 +55,7 @@ def test_the_demo_under_a_terminal_shows_a_progress_bar_that_advances(tmp_path):
     assert counts and counts[-1] == 6 and len(set(counts)) >= 3 and counts == sorted(counts), text[-2000:]
     assert "loss" in text and not re.search(r"^step \d", text, re.M)
     assert "AP50" in text and "mlflow ui --backend-store-uri" in text
+    assert re.search(r"pre-training:\s+100%\|", text), text[:2000]  # the upstream pre-training's own bar
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
                                  reason="a private mount namespace needs root and unshare")]
 
-DEMO = Path(__file__).resolve().parents[2] / "experiments" / "demo.yaml"
+TINY = Path(__file__).resolve().parents[2] / "experiments" / "tiny.yaml"
 TWO_WORKERS = ["scaling.workers=2", "scaling.resources={slot: 1}", "schedule.batch_size=2", "checkpoint.period=2",
                "data.synthetic.num_train=8", "data.synthetic.num_val=6", "tracking.experiment=two-nodes"]
 
@@ -51,7 +51,7 @@ def cluster():
 def run(cluster, *overrides, timeout=900, **popen):
     env, outputs, tracking_uri = cluster
     overrides += tuple(f"tracking.run_name={o.removeprefix('name=')}" for o in overrides if o.startswith("name="))
-    args = [sys.executable, "-m", "orchestrator", "run", str(DEMO),
+    args = [sys.executable, "-m", "orchestrator", "run", str(TINY),
             *sum((["--set", s] for s in [*TWO_WORKERS, f"output_dir={outputs}", f"tracking.uri={tracking_uri}",
                                          f"data.synthetic.root={outputs}/synthetic", *overrides]), [])]
     if popen:
@@ -94,6 +94,24 @@ def test_a_two_worker_run_across_two_nodes_without_a_shared_disk_finishes_with_s
     # rank 1 ran on the second node: it wrote the synthetic data there, in a folder the head never sees
     assert "synthetic" in node_b_listing(env, outputs)
     assert not (outputs / "across" / "ray").exists()
+
+
+def test_the_upstream_checkpoint_reaches_the_other_nodes_worker_through_the_object_store(cluster):
+    """The driver pre-trains into its own disk's cache; the worker on the second node cannot see that
+    file, so it puts the bytes the driver handed it into that node's cache, intact, and trains."""
+    env, outputs, tracking_uri = cluster
+    upstream = f"{{steps: 2, batch_size: 2, warmup_steps: 1, image_size: 64, cache_dir: {outputs}/pretrained}}"
+    result = run(cluster, "schedule.iterations=2", "storage=s3://cluster/runs", "name=upstream",
+                 "backbone.name=swin_mini", "backbone.overrides={}", f"backbone.upstream={upstream}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("pre-training swin_mini") == 1  # on the driver, once
+    here = sorted(p.name for p in (outputs / "pretrained").iterdir() if not p.name.startswith("."))
+    assert len(here) == 2 and here[0].endswith(".json") and here[1].endswith(".pth")
+    assert str(here) == node_b_listing(env, outputs / "pretrained")  # the same two files on the other disk
+    client = MlflowClient(tracking_uri)
+    (found,) = client.search_runs([client.get_experiment_by_name("two-nodes").experiment_id],
+                                  filter_string="attributes.run_name = 'upstream'")
+    assert found.info.status == "FINISHED" and found.data.metrics["world_size"] == 2
 
 
 def test_a_node_local_storage_path_is_refused_before_the_run_starts(cluster):
