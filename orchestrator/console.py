@@ -50,6 +50,13 @@ class Console:
         except (AttributeError, OSError, ValueError):
             return 100
 
+    def rows(self) -> int:
+        """The terminal's height (0 from a bare pseudo-terminal, where tqdm would then hide its bar: 24)."""
+        try:
+            return os.get_terminal_size(self.out.fileno()).lines or 24
+        except (AttributeError, OSError, ValueError):
+            return 24
+
 
 CONSOLE = Console()
 

@@ -23,8 +23,8 @@ class _Progress:
         self.spec, self.bar, self.started = spec, None, time.perf_counter()
         if CONSOLE.isatty():
             from tqdm import tqdm
-            self.bar = tqdm(total=spec.steps, file=CONSOLE.out, ncols=CONSOLE.columns(), desc="pre-training",
-                            unit="step")
+            self.bar = tqdm(total=spec.steps, file=CONSOLE.out, ncols=CONSOLE.columns(), nrows=CONSOLE.rows(),
+                            desc="pre-training", unit="step")
 
     def __call__(self, step: int, total: int, loss: float) -> None:
         if self.bar is not None:
