@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
-import os
 import re
 import tempfile
 import time
@@ -149,7 +149,6 @@ def install(spec: UpstreamSpec, data: bytes, metrics: dict[str, float] | None = 
 
 
 def checkpoint_bytes(state: dict[str, torch.Tensor]) -> bytes:
-    import io
     buffer = io.BytesIO()
     torch.save({"model": state}, buffer)
     return buffer.getvalue()

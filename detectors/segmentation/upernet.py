@@ -1,0 +1,62 @@
+"""UPerNet on a tuned Swin: the semantic-segmentation model of both papers' ADE20K experiments.
+
+The heads are Hugging Face transformers' ``UperNetHead`` (pyramid pooling at scales 1, 2, 3, 6 on the
+stride-32 map, FPN fusion of all four maps, 512 channels) and ``UperNetFCNHead`` (the auxiliary head:
+one 3x3 convolution of 256 channels on the stride-16 map, loss weight 0.4), which port
+mmsegmentation's ``UPerHead`` and ``FCNHead`` as the Swin semantic-segmentation recipe configures
+them; mmsegmentation itself does not install on current torch. One difference: the recipe drops 10% of
+the fused features before each classifier, transformers' heads do not.
+
+Whatever tunes the backbone, the heads read its four NCHW outputs: E3VA's come from its highway through
+its trainable norms, exactly as they feed the detectors' FPN.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+IGNORE_INDEX = 255  # pixels with this label count in no loss and no score
+
+
+class UPerNet(nn.Module):
+    """Images (B, 3, H, W) -> per-pixel class logits (B, K, H, W); with ``targets`` (B, H, W), the losses."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, channels: int = 512, pool_scales=(1, 2, 3, 6),
+                 auxiliary_channels: int = 256, auxiliary_weight: float = 0.4, ignore_index: int = IGNORE_INDEX):
+        """
+        Args:
+            backbone: maps images to ``{res2..res5}`` NCHW features and has ``out_channels``.
+            num_classes: classes scored (ignored pixels carry ``ignore_index``, not a class).
+            channels: width of the pyramid pooling and FPN fusion (512 in the recipe).
+            pool_scales: output sizes of the pyramid pooling module.
+            auxiliary_channels: width of the auxiliary FCN head on the stride-16 map.
+            auxiliary_weight: its loss weight (0 drops the head).
+        """
+        super().__init__()
+        from transformers import UperNetConfig
+        from transformers.models.upernet.modeling_upernet import UperNetFCNHead, UperNetHead
+        config = UperNetConfig(num_labels=num_classes, hidden_size=channels, pool_scales=list(pool_scales),
+                               auxiliary_channels=auxiliary_channels, auxiliary_num_convs=1,
+                               auxiliary_concat_input=False, loss_ignore_index=ignore_index)
+        in_channels = list(backbone.out_channels)
+        self.backbone = backbone
+        self.decode_head = UperNetHead(config, in_channels=in_channels)
+        self.auxiliary_head = UperNetFCNHead(config, in_channels=in_channels, in_index=2) if auxiliary_weight else None
+        self.num_classes, self.auxiliary_weight, self.ignore_index = num_classes, auxiliary_weight, ignore_index
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None):
+        features = list(self.backbone(images).values())
+        logits = _resize(self.decode_head(features), images.shape[-2:])
+        if targets is None:
+            return logits
+        losses = {"loss_seg": F.cross_entropy(logits, targets, ignore_index=self.ignore_index)}
+        if self.auxiliary_head is not None:
+            auxiliary = _resize(self.auxiliary_head(features), images.shape[-2:])
+            losses["loss_aux"] = self.auxiliary_weight * F.cross_entropy(auxiliary, targets,
+                                                                         ignore_index=self.ignore_index)
+        return losses
+
+
+def _resize(logits: torch.Tensor, size) -> torch.Tensor:
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)

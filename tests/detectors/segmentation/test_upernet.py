@@ -1,0 +1,77 @@
+"""UPerNet on the tuned Swin: every tuning method builds and takes a training step; E3VA keeps the frozen
+backbone out of backpropagation; the heads have the recipe's structure."""
+import pytest
+import torch
+
+from detectors.backbones import build_swin
+from detectors.segmentation import IGNORE_INDEX, UPerNet
+from detectors.tuning import build_tuning, variant_table
+
+pytest.importorskip("transformers")
+TINY = dict(depths=(1, 1, 1, 1), embed_dim=32, num_heads=(1, 2, 4, 8))
+
+
+def tiny_backbone(method: str):
+    return build_tuning(method).apply(build_swin("swin_t", **TINY))
+
+
+def batch(classes: int = 4):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 64, 96, generator=generator)
+    labels = torch.randint(0, classes, (2, 64, 96), generator=generator)
+    labels[:, :8] = IGNORE_INDEX
+    return images, labels
+
+
+@pytest.mark.parametrize("method", sorted(variant_table()))
+def test_every_method_takes_a_training_step_in_upernet(method):
+    torch.manual_seed(0)
+    model = UPerNet(tiny_backbone(method), num_classes=4, channels=32,
+                    auxiliary_channels=16).train()
+    images, labels = batch()
+    losses = model(images, labels)
+    assert set(losses) == {"loss_seg", "loss_aux"} and all(torch.isfinite(v) for v in losses.values())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trainable]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    sum(losses.values()).backward()
+    optimizer.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainable))
+    heads = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    assert all(p.requires_grad for p in heads)
+    with torch.no_grad():
+        logits = model.eval()(images)
+    assert logits.shape == (2, 4, 64, 96)
+
+
+def test_e3va_sends_no_gradient_into_the_frozen_backbone():
+    model = UPerNet(tiny_backbone("e3va"), num_classes=3, channels=32,
+                    auxiliary_channels=16).train()
+    images, labels = batch(3)
+    sum(model(images, labels).values()).backward()
+    frozen = [n for n, p in model.backbone.named_parameters() if not p.requires_grad]
+    assert frozen and all(model.backbone.get_parameter(n).grad is None for n in frozen)
+
+
+def test_the_heads_follow_the_swin_recipe():
+    """PPM scales 1, 2, 3, 6 and 512 channels on stride 32, FPN over all four maps, the auxiliary FCN head
+    on the stride-16 map (256 channels, one 3x3 conv) weighted 0.4; 150 ADE20K classes."""
+    with torch.device("meta"):
+        model = UPerNet(build_swin("swin_t"), num_classes=150)
+    head = model.decode_head
+    assert [block.layers[0].output_size for block in head.psp_modules.blocks] == [1, 2, 3, 6]
+    assert head.channels == 512 and len(head.lateral_convs) == 3 and head.classifier.out_channels == 150
+    assert model.auxiliary_head.in_channels == 384 and model.auxiliary_head.channels == 256
+    assert model.auxiliary_weight == 0.4
+    counts = {name: sum(p.numel() for p in getattr(model, name).parameters())
+              for name in ("decode_head", "auxiliary_head")}
+    # mmsegmentation's UPerHead and FCNHead on Swin-T's (96, 192, 384, 768), counted by hand: convolutions
+    # without bias, each followed by BatchNorm (2 x 512 numbers), classifiers with bias
+    bn = 2 * 512
+    ppm = 4 * (768 * 512 + bn)
+    bottleneck = (768 + 4 * 512) * 512 * 9 + bn
+    laterals = (96 + 192 + 384) * 512 + 3 * bn
+    fpn = 3 * (512 * 512 * 9 + bn)
+    fusion = 4 * 512 * 512 * 9 + bn
+    assert counts["decode_head"] == ppm + bottleneck + laterals + fpn + fusion + 512 * 150 + 150  # 31.50M
+    assert counts["auxiliary_head"] == 384 * 256 * 9 + 2 * 256 + 256 * 150 + 150  # 0.92M
