@@ -60,3 +60,23 @@ class UPerNet(nn.Module):
 
 def _resize(logits: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def slide_inference(model: UPerNet, image: torch.Tensor, crop: tuple[int, int],
+                    stride: tuple[int, int]) -> torch.Tensor:
+    """Logits (1, K, H, W) of one image (1, 3, H, W) from overlapping ``crop`` windows every ``stride``
+    pixels, averaged where they overlap (mmsegmentation's ``slide`` mode; the recipe: 512 windows every 341)."""
+    _, _, height, width = image.shape
+    crop_h, crop_w = crop
+    rows = max(height - crop_h + stride[0] - 1, 0) // stride[0] + 1
+    cols = max(width - crop_w + stride[1] - 1, 0) // stride[1] + 1
+    logits = image.new_zeros((1, model.num_classes, height, width))
+    counts = image.new_zeros((1, 1, height, width))
+    for row in range(rows):
+        for col in range(cols):
+            bottom, right = min(row * stride[0] + crop_h, height), min(col * stride[1] + crop_w, width)
+            top, left = max(bottom - crop_h, 0), max(right - crop_w, 0)
+            logits[:, :, top:bottom, left:right] += model(image[:, :, top:bottom, left:right])
+            counts[:, :, top:bottom, left:right] += 1
+    return logits / counts

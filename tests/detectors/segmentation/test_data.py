@@ -92,3 +92,23 @@ def test_testing_resizes_into_the_scale_keeping_the_ratio():
     image, labels = EvalTransform((2048, 512))(torch.zeros(3, 256, 341, dtype=torch.uint8),
                                                torch.zeros(256, 341, dtype=torch.long))
     assert image.shape == (3, 512, 682) and labels.shape == (256, 341)
+
+
+def test_two_shards_of_the_split_score_what_one_pass_over_it_scores(synthetic):
+    """What two Ray Train workers do: each predicts every other image; the matrices add up."""
+    from detectors.backbones import build_swin
+    from detectors.segmentation import UPerNet
+    from detectors.segmentation.evaluation import predict_split
+    from detectors.training import evaluation_shard
+    from detectors.tuning import build_tuning
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    backbone = build_tuning("e3va").apply(build_swin("swin_t", depths=(1, 1, 1, 1), embed_dim=32,
+                                                     num_heads=(1, 2, 4, 8)))
+    model = UPerNet(backbone, num_classes=4, channels=16, auxiliary_channels=8)
+    val = SegmentationFolder(synthetic["root"], "validation", synthetic["class_names"],
+                             transforms=EvalTransform((160, 128)))
+    whole = predict_split(model, val).scores()
+    shards = [predict_split(model, val, indices=evaluation_shard(len(val), rank, 2)) for rank in (0, 1)]
+    assert shards[0].merge([shards[1]]).scores() == whole
+    assert shards[0].matrix.sum() == 3 * 128 * 160  # every labelled pixel of the split, at its own size

@@ -75,3 +75,16 @@ def test_the_heads_follow_the_swin_recipe():
     fusion = 4 * 512 * 512 * 9 + bn
     assert counts["decode_head"] == ppm + bottleneck + laterals + fpn + fusion + 512 * 150 + 150  # 31.50M
     assert counts["auxiliary_head"] == 384 * 256 * 9 + 2 * 256 + 256 * 150 + 150  # 0.92M
+
+
+def test_sliding_windows_cover_the_image_and_equal_the_whole_image_pass_for_one_window():
+    from detectors.segmentation.upernet import slide_inference
+    torch.manual_seed(0)
+    model = UPerNet(tiny_backbone("fixed"), num_classes=3, channels=16, auxiliary_channels=8).eval()
+    image = torch.randn(1, 3, 64, 96)
+    whole = model(image)
+    assert torch.allclose(slide_inference(model, image, crop=(64, 96), stride=(64, 96)), whole, atol=1e-5)
+    windows = slide_inference(model, image, crop=(64, 64), stride=(32, 32))  # two overlapping windows
+    assert windows.shape == whole.shape and torch.isfinite(windows).all()
+    left = model(image[:, :, :, :64])
+    assert torch.allclose(windows[..., :32], left[..., :32], atol=1e-5)  # only the first window covers these

@@ -1,0 +1,43 @@
+"""Predict a split (or one rank's shard of it) and count its pixels into a confusion matrix.
+
+Scores are taken at each image's own size: the logits of the resized image are resized back before the
+argmax. Ranks each predict ``detectors.training.evaluation_shard`` of the split; their matrices add up to
+the one a single process counts (``ConfusionMatrix.merge``).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from detectors.segmentation.data import SegmentationFolder
+from detectors.segmentation.metrics import ConfusionMatrix
+from detectors.segmentation.upernet import UPerNet, slide_inference
+
+_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
+_STD = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) with ImageNet's statistics, as the backbones were pre-trained."""
+    return (images.float() - _MEAN.to(images.device)) / _STD.to(images.device)
+
+
+@torch.no_grad()
+def predict_split(model: UPerNet, dataset: SegmentationFolder, device: torch.device | str = "cpu",
+                  indices: Iterable[int] | None = None, slide: tuple[tuple[int, int], tuple[int, int]] | None = None,
+                  on_image: Callable[[int], None] | None = None) -> ConfusionMatrix:
+    """The confusion matrix of ``model``'s predictions on ``dataset`` (or its ``indices``); whole-image
+    inference, or sliding windows when ``slide`` = (crop, stride)."""
+    model.eval()
+    matrix = ConfusionMatrix(dataset.num_classes)
+    for done, index in enumerate(range(len(dataset)) if indices is None else indices, start=1):
+        image, labels = dataset[index]
+        image = normalise(image[None].to(device))
+        logits = model(image) if slide is None else slide_inference(model, image, *slide)
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        matrix.update(logits.argmax(1)[0].cpu(), labels)
+        if on_image is not None:
+            on_image(done)
+    return matrix
