@@ -113,6 +113,23 @@ def _detector_subject(method: str, engine: str, detector: str, backbone: str, im
 
 
 NUM_CLASSES = 3
+ADE20K_CLASSES = 150
+
+
+def _segmentation_subject(method: str, detector: str, backbone: str, images: torch.Tensor, backbone_kwargs: dict,
+                          hyperparameters: dict | None = None, num_classes: int | None = None, **_) -> _Subject:
+    """A segmentation model's training step (e.g. UPerNet's two losses) on fixed random labels."""
+    from detectors.segmentation.upernet import SEGMENTERS
+    torch.manual_seed(0)
+    classes = num_classes or ADE20K_CLASSES
+    tuned = build_tuning(method, **(hyperparameters or {})).apply(build_swin(backbone, **backbone_kwargs))
+    model = SEGMENTERS[detector](tuned, classes).to(images.device).train()
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, classes, (images.shape[0], *images.shape[-2:]), generator=generator).to(images.device)
+
+    def loss() -> torch.Tensor:
+        return sum(model(images, labels).values())
+    return _Subject(method, model, model.backbone, loss)
 
 
 def _grid_boxes(boxes: int, shift: float) -> torch.Tensor:
@@ -231,8 +248,11 @@ def _images(batch: int, size: tuple[int, int], device: torch.device) -> torch.Te
 
 def _subject(method: str, backbone: str, images: torch.Tensor, detector: str | None, engine: str,
              backbone_kwargs: dict, **options) -> _Subject:
+    from detectors.segmentation.upernet import SEGMENTERS
     if detector is None:
         return _backbone_subject(method, backbone, images, backbone_kwargs, options.get("hyperparameters"))
+    if detector in SEGMENTERS:
+        return _segmentation_subject(method, detector, backbone, images, backbone_kwargs, **options)
     return _detector_subject(method, engine, detector, backbone, images, backbone_kwargs, **options)
 
 

@@ -17,6 +17,9 @@ _MB = 2**20
 
 def _engine_for(detector: str, engine: str | None) -> str:
     from detectors.engines import ENGINES
+    from detectors.segmentation.upernet import SEGMENTERS
+    if detector in SEGMENTERS:
+        return "segmentation"
     if engine is not None:
         ENGINES.get(engine).check(engine, detector)
         return engine
@@ -24,7 +27,7 @@ def _engine_for(detector: str, engine: str | None) -> str:
         if detector in ENGINES.get(name).detectors:
             ENGINES.get(name).check(name, detector)
             return name
-    known = sorted({d for name in ENGINES.names() for d in ENGINES.get(name).detectors})
+    known = sorted({d for name in ENGINES.names() for d in ENGINES.get(name).detectors} | set(SEGMENTERS))
     raise UserInputError(f"unknown detector {detector!r}; choose one of {', '.join(known)}")
 
 

@@ -7,7 +7,6 @@ scores come from the sum once. Pixels labelled ``ignore_index`` count nowhere.
 from __future__ import annotations
 
 import torch
-from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from detectors.segmentation.upernet import IGNORE_INDEX
 
@@ -21,6 +20,7 @@ class ConfusionMatrix:
 
     def update(self, predicted: torch.Tensor, target: torch.Tensor) -> None:
         """Class ids (..., H, W) against labels of the same shape."""
+        from torchmetrics.functional.classification import multiclass_confusion_matrix
         if predicted.shape != target.shape:
             raise ValueError(f"prediction {tuple(predicted.shape)} and labels {tuple(target.shape)} differ in shape")
         self.matrix += multiclass_confusion_matrix(predicted.reshape(-1).cpu(), target.reshape(-1).cpu(),

@@ -58,6 +58,11 @@ class UPerNet(nn.Module):
         return losses
 
 
+# Segmentation models by name (``model.detector`` of an experiment, ``--detector`` of bench): (tuned backbone,
+# number of classes) -> model.
+SEGMENTERS = {"upernet": UPerNet}
+
+
 def _resize(logits: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 

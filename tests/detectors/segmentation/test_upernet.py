@@ -88,3 +88,14 @@ def test_sliding_windows_cover_the_image_and_equal_the_whole_image_pass_for_one_
     assert windows.shape == whole.shape and torch.isfinite(windows).all()
     left = model(image[:, :, :, :64])
     assert torch.allclose(windows[..., :32], left[..., :32], atol=1e-5)  # only the first window covers these
+
+
+def test_bench_measures_upernet_training_steps_side_by_side():
+    """``bench --detector upernet``: E3VA keeps the Swin out of backward, so it saves bytes for backward and
+    holds fewer gradients and optimizer state than full fine-tuning; the heads train in both."""
+    from detectors.bench import benchmark
+    results = {r.method: r for r in benchmark("swin_t", ("full", "e3va"), (64, 64), 2, "cpu", 1, detector="upernet",
+                                              backbone_kwargs=TINY)}
+    assert results["e3va"].saved_bytes < results["full"].saved_bytes
+    assert results["e3va"].train_bytes < results["full"].train_bytes
+    assert results["e3va"].trainable < results["full"].trainable
