@@ -253,7 +253,11 @@ def plot_ap_vs_memory(rows: list[Row], path: Path) -> str | None:
         if len(marker_of) > 1:
             handles += [Line2D([], [], marker=marker, linestyle="", color="grey", label=setting)
                         for setting, marker in marker_of.items()]
-        ax.legend(handles=handles, fontsize=7, loc="best")
+        if len(marker_of) > 1:  # the settings' names are long: the legend goes beside the axes
+            fig.set_size_inches(11, 5)
+            ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        else:
+            ax.legend(handles=handles, fontsize=7, loc="best")
     else:
         ax.text(0.5, 0.5, "no run has both AP and the x figure", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel(xlabel)
