@@ -102,7 +102,7 @@ def test_three_tasks_share_one_frozen_pass_and_predict_as_alone(finished, tmp_pa
     val = str(finished["val"])
     alone = predict_images([str(finished["run_dir"])], [val], str(tmp_path / "alone"), score_threshold=0.0)
     together = predict_images([str(finished["run_dir"])] * 3, [val], str(tmp_path / "together"), score_threshold=0.0)
-    assert together["tasks"] == ["demo-1", "demo-2", "demo-3"]
+    assert together["tasks"] == ["tiny-1", "tiny-2", "tiny-3"]
     assert alone["frozen_passes"] == together["frozen_passes"] == len(together["images"])  # once per image
     for path in (tmp_path / "alone" / "tiny").glob("*.json"):
         for task in together["tasks"]:
@@ -198,7 +198,7 @@ def test_serve_answers_as_predict_does_and_keeps_serving_after_bad_requests(fini
             except (OSError, ValueError):
                 pass
             time.sleep(0.5)
-        assert status == 200 and [t["name"] for t in listed["tasks"]] == ["demo-1", "demo-2"]
+        assert status == 200 and [t["name"] for t in listed["tasks"]] == ["tiny-1", "tiny-2"]
         assert {c["name"] for c in listed["tasks"][0]["classes"]} == {"circle", "square", "triangle"}
         assert listed["tasks"][1]["source"] == run
 
@@ -208,9 +208,9 @@ def test_serve_answers_as_predict_does_and_keeps_serving_after_bad_requests(fini
             expected = json.loads((tmp_path / "predicted" / "tiny" / f"{path.stem}.json").read_text())
             expected = [{**r, "image_id": 1} for r in expected]
             status, answer = http(f"{url}/predict", path.read_bytes(), "image/png")
-            assert status == 200 and answer["tasks"] == {"demo-1": expected, "demo-2": expected}
-        status, answer = http(f"{url}/predict?tasks=demo-2", *multipart(images[0].name, images[0].read_bytes()))
-        assert status == 200 and list(answer["tasks"]) == ["demo-2"]
+            assert status == 200 and answer["tasks"] == {"tiny-1": expected, "tiny-2": expected}
+        status, answer = http(f"{url}/predict?tasks=tiny-2", *multipart(images[0].name, images[0].read_bytes()))
+        assert status == 200 and list(answer["tasks"]) == ["tiny-2"]
 
         with ThreadPoolExecutor(20) as pool:
             answers = list(pool.map(lambda _: http(f"{url}/predict", images[0].read_bytes()), range(20)))

@@ -33,4 +33,8 @@ def test_overhead_alternates_both_paths_and_reports_the_ratio_of_their_medians(t
     assert float(summary[1]) == pytest.approx(trainer / plain, abs=2e-3 + rounding)
     by_round = [float(x.rstrip("%")) for x in summary[3].split(", ")]
     expected = [(speed[r, "TorchTrainer"] / speed[r, "plain loop"] - 1) * 100 for r in ("1", "2")]
-    assert by_round == pytest.approx(expected, abs=0.6)  # the table shows speeds to 3 decimals
+    # the table shows speeds to 3 decimals: a ratio recomputed from them is off by up to this much (in %),
+    # which grows with the ratio (TorchTrainer's startup dominates 3 iterations on a busy machine)
+    slack = [0.06 + 100 * speed[r, "TorchTrainer"] / speed[r, "plain loop"]
+             * (0.0005 / speed[r, "plain loop"] + 0.0005 / speed[r, "TorchTrainer"]) for r in ("1", "2")]
+    assert all(abs(got - want) <= tol for got, want, tol in zip(by_round, expected, slack)), (by_round, expected)
