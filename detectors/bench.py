@@ -248,9 +248,9 @@ def _images(batch: int, size: tuple[int, int], device: torch.device) -> torch.Te
 
 def _subject(method: str, backbone: str, images: torch.Tensor, detector: str | None, engine: str,
              backbone_kwargs: dict, **options) -> _Subject:
-    from detectors.segmentation.upernet import SEGMENTERS
     if detector is None:
         return _backbone_subject(method, backbone, images, backbone_kwargs, options.get("hyperparameters"))
+    from detectors.segmentation.upernet import SEGMENTERS
     if detector in SEGMENTERS:
         return _segmentation_subject(method, detector, backbone, images, backbone_kwargs, **options)
     return _detector_subject(method, engine, detector, backbone, images, backbone_kwargs, **options)

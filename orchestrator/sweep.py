@@ -208,19 +208,6 @@ def trial_values(config: dict[str, Any]) -> dict[str, Any]:
     return dict(config[TRIAL_KEY]) if set(config) == {TRIAL_KEY} else dict(config)
 
 
-def _flatten_values(entry: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{backbone: {upstream: null}}`` or ``{backbone.upstream: null}`` -> ``{"backbone.upstream": None}``;
-    a mapping under a dotted key is one value (``{backbone.upstream: {steps: 5}}``)."""
-    flat: dict[str, Any] = {}
-    for key, value in entry.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and value and "." not in key:
-            flat.update(_flatten_values(value, f"{path}."))
-        else:
-            flat[path] = value
-    return flat
-
-
 class Sweep:
     """A validated sweep: its config, the base experiment (raw and validated) and where it writes."""
 
@@ -276,18 +263,29 @@ def trial_raw(base_raw: dict[str, Any], values: dict[str, Any], name: str, outpu
     return raw
 
 
-def _flatten_space(space: Any, prefix: str = "") -> Any:
-    """Nested sections or dotted keys, to ``{"a.b.c": {grid: [...]}}``."""
-    if not isinstance(space, dict):
-        return space
+def _flatten(mapping: dict[str, Any], descend, prefix: str = "") -> dict[str, Any]:
+    """Nested sections to dotted keys, going into a non-empty mapping where ``descend(key, value)``."""
     flat: dict[str, Any] = {}
-    for key, value in space.items():
+    for key, value in mapping.items():
         path = f"{prefix}{key}"
-        if isinstance(value, dict) and value and not any(k in DISTRIBUTIONS for k in value):
-            flat.update(_flatten_space(value, f"{path}."))
+        if isinstance(value, dict) and value and descend(key, value):
+            flat.update(_flatten(value, descend, f"{path}."))
         else:
             flat[path] = value
     return flat
+
+
+def _flatten_space(space: Any) -> Any:
+    """Nested sections or dotted keys, to ``{"a.b.c": {grid: [...]}}``."""
+    if not isinstance(space, dict):
+        return space
+    return _flatten(space, lambda key, value: not any(k in DISTRIBUTIONS for k in value))
+
+
+def _flatten_values(entry: dict[str, Any]) -> dict[str, Any]:
+    """``{backbone: {upstream: null}}`` or ``{backbone.upstream: null}`` -> ``{"backbone.upstream": None}``;
+    a mapping under a dotted key is one value (``{backbone.upstream: {steps: 5}}``)."""
+    return _flatten(entry, lambda key, value: "." not in key)
 
 
 def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:

@@ -18,6 +18,10 @@ from detectors.errors import UserInputError
 Target = dict[str, Any]
 Transform = Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]]
 
+# The statistics every Swin checkpoint was pre-trained with (on 0..1 pixels; times 255 for 0..255)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 # Multi-scale training of the Swin detection papers: short edge 480..800 in steps of 32.
 SWIN_TRAIN_SHORT_EDGES: tuple[int, ...] = tuple(range(480, 801, 32))
 SWIN_TEST_SHORT_EDGE = 800

@@ -17,11 +17,9 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
+from detectors.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from detectors.engines.base import ENGINES, Detector, Engine
 from detectors.errors import UserInputError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 FPN_CHANNELS = 256
 
 

@@ -11,12 +11,13 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from detectors.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from detectors.segmentation.data import SegmentationFolder
 from detectors.segmentation.metrics import ConfusionMatrix
 from detectors.segmentation.upernet import UPerNet, slide_inference
 
-_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
-_STD = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+_MEAN = torch.tensor([255 * v for v in IMAGENET_MEAN]).view(1, 3, 1, 1)
+_STD = torch.tensor([255 * v for v in IMAGENET_STD]).view(1, 3, 1, 1)
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:

@@ -20,14 +20,14 @@ import torch
 from PIL import Image, ImageDraw
 
 from detectors.data.synthetic import _background
+from detectors.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 SHAPES = ("star", "cross", "ring", "pentagon", "arrow", "crescent", "l_shape", "t_shape", "trapezoid", "semicircle")
 COLOUR_FAMILIES = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "magenta")
 TEXTURES = ("solid", "stripes", "checker", "dots")
 _HUES = (0.0, 0.08, 0.16, 0.33, 0.5, 0.64, 0.76, 0.87)  # centres of the colour families
-# ImageNet's statistics, as the detection transforms normalise with them
-_MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
-_STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
+_MEAN = (255 * np.array(IMAGENET_MEAN)).astype(np.float32)  # normalised as the detectors normalise
+_STD = (255 * np.array(IMAGENET_STD)).astype(np.float32)
 
 
 TRAIN, VAL = 0, 1  # two disjoint streams of images per seed
