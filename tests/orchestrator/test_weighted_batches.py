@@ -1,5 +1,7 @@
 """Per-worker batch sizes: 2 Ray Train workers with batches of 1 and 3 take the step of one process
 with a batch of 4, for the E3VA backbone under a per-sample loss (gloo on CPU)."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,12 +12,12 @@ from detectors.data.sampling import ProportionalBatchSampler, rank_loss_weight  
 from detectors.errors import UserInputError  # noqa: E402
 from detectors.tuning import build_tuning  # noqa: E402
 from orchestrator.config import load_experiment  # noqa: E402
-from orchestrator.demo import DEMO_EXPERIMENT  # noqa: E402
 from orchestrator.train_loop import worker_batch_size  # noqa: E402
 
+TINY_EXPERIMENT = Path(__file__).resolve().parents[2] / "experiments" / "tiny.yaml"  # random init: no pre-training
 SIZES = [1, 3]
 LR = 0.5
-DETECTOR_DATA = "/tmp/e3va-test-weighted-batches-synthetic"  # written once, atomically, by whichever rank is first
+DETECTOR_DATA = "/tmp/e3va-test-weighted-batches-tiny"  # written once, atomically, by whichever rank is first
 
 
 def tiny_e3va():
@@ -92,9 +94,9 @@ def test_batches_of_1_and_3_on_two_workers_step_like_one_batch_of_4(tmp_path, ra
     assert max((unweighted[n] - v).abs().max().item() for n, v in reference.items()) > 1e-4
 
 
-def demo_detector():
+def tiny_detector():
     from orchestrator.train_loop import build_datasets, build_model
-    cfg = load_experiment(DEMO_EXPERIMENT, ["backbone.drop_path_rate=0", "data.synthetic.num_train=8",
+    cfg = load_experiment(TINY_EXPERIMENT, ["backbone.drop_path_rate=0", "data.synthetic.num_train=8",
                                             f"data.synthetic.root={DETECTOR_DATA}"])
     train, _ = build_datasets(cfg)
     torch.manual_seed(0)
@@ -119,7 +121,7 @@ def one_detector_step(config: dict) -> None:
     import ray.train.torch
     torch.set_num_threads(1)
     rank = ray.train.get_context().get_world_rank()
-    train, model = demo_detector()
+    train, model = tiny_detector()
     ddp = ray.train.torch.prepare_model(model, move_to_device=False,
                                         parallel_strategy_kwargs={"find_unused_parameters": True})
     indices = ProportionalBatchSampler(len(train), SIZES, rank, seed=0).batches()[0]
@@ -134,7 +136,7 @@ def test_a_detector_step_on_two_workers_is_close_to_one_process_step(tmp_path, r
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     torch.set_num_threads(1)
-    train, model = demo_detector()
+    train, model = tiny_detector()
     union = [i for rank in range(2) for i in ProportionalBatchSampler(len(train), SIZES, rank, seed=0).batches()[0]]
     single = detector_step(model, model, train, union, 7, 1.0)
     out = tmp_path / "update.pt"
@@ -149,11 +151,11 @@ def test_a_detector_step_on_two_workers_is_close_to_one_process_step(tmp_path, r
 
 
 def test_each_worker_takes_the_batch_size_of_its_gpu_kind():
-    cfg = load_experiment(DEMO_EXPERIMENT, ["scaling.workers=2", "schedule.batch_size={v100: 4, 1080ti: 1, cpu: 2}"])
+    cfg = load_experiment(TINY_EXPERIMENT, ["scaling.workers=2", "schedule.batch_size={v100: 4, 1080ti: 1, cpu: 2}"])
     cpu = torch.device("cpu")
     assert worker_batch_size(cfg, 0, cpu, {"CPU": 8.0, "gpu_v100": 1.0}) == 4
     assert worker_batch_size(cfg, 1, cpu, {"CPU": 8.0, "accelerator_type:1080Ti": 1.0}) == 1
     assert worker_batch_size(cfg, 1, cpu, {"CPU": 8.0}) == 2
-    only_gpus = load_experiment(DEMO_EXPERIMENT, ["scaling.workers=2", "schedule.batch_size={v100: 4}"])
+    only_gpus = load_experiment(TINY_EXPERIMENT, ["scaling.workers=2", "schedule.batch_size={v100: 4}"])
     with pytest.raises(UserInputError, match="worker 1 runs on 'CPU', a kind with no batch size here"):
         worker_batch_size(only_gpus, 1, cpu, {"CPU": 8.0, "gpu_p100": 1.0})
