@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
+from torch import nn
 from detectors.backbones import build_swin
 from detectors.tuning import build_tuning
 

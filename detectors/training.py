@@ -29,8 +29,8 @@ def check_num_classes(dataset: CocoDetection, num_classes: int) -> None:
                              f"num_classes={num_classes}: category id {dataset.cat_ids[num_classes]} is out of range")
 
 
-def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: Sequence[torch.Tensor],
-                  targets: Sequence[dict], clip_norm: float | None = None,
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: Sequence[torch.Tensor] | torch.Tensor,
+                  targets: Sequence[dict] | torch.Tensor, clip_norm: float | None = None,
                   scaler: torch.amp.GradScaler | None = None, autocast_device: str | None = None,
                   loss_scale: float = 1.0) -> dict[str, float]:
     """Forward, backward, (clip), step. Returns the losses as floats, and their sum as ``loss``.
@@ -39,7 +39,8 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: Se
     under gradient averaging); the reported losses are unscaled.
     """
     with torch.autocast(autocast_device or "cpu", enabled=autocast_device is not None):
-        losses = model(list(images), list(targets))
+        # detectors take lists of images and targets; segmentation models batched tensors
+        losses = model(*(x if torch.is_tensor(x) else list(x) for x in (images, targets)))
     total = sum(losses.values())
     if not torch.isfinite(total):
         raise FloatingPointError(f"loss is {total.item()}: {({k: v.item() for k, v in losses.items()})}")

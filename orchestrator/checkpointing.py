@@ -1,7 +1,8 @@
 """Checkpoints that hold only what trains, in safetensors, plus what they belong to.
 
-A checkpoint directory holds ``trainable.safetensors`` (trainable parameters by name, and the
-optimizer's tensors under ``optimizer/<index>/<key>``) and ``state.json`` (step, scheduler and
+A checkpoint directory holds ``trainable.safetensors`` (trainable parameters by name, the buffers
+that train beside them under ``buffers/`` - BatchNorm's running statistics in a segmentation head - and
+the optimizer's tensors under ``optimizer/<index>/<key>``) and ``state.json`` (step, scheduler and
 optimizer hyperparameters, the identity of the frozen backbone: name, method,
 hyperparameters and a SHA-256 fingerprint of its frozen weights, and the size of the weights file).
 Directories are written atomically: to a temporary sibling, then renamed. Ray Train then copies
@@ -38,6 +39,18 @@ def backbone_fingerprint(backbone: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def trained_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The persistent buffers of modules with trainable parameters of their own (BatchNorm's running
+    mean and variance): they change in training as the parameters do. A frozen module's are its own."""
+    found = {}
+    for prefix, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer is not None and name not in module._non_persistent_buffers_set:
+                    found[f"{prefix}.{name}" if prefix else name] = buffer
+    return found
+
+
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, step: int, identity: dict[str, Any],
                     history: list[dict[str, Any]] | None = None) -> Path:
@@ -47,6 +60,7 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     tensors = {f"model/{name}": p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    tensors.update({f"buffers/{name}": b.detach().cpu().contiguous() for name, b in trained_buffers(model).items()})
     optimizer_state = optimizer.state_dict()
     for index, state in optimizer_state["state"].items():
         for key, value in state.items():
@@ -118,10 +132,14 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in weights]
     if missing:
         raise UserInputError(f"checkpoint {directory} lacks {len(missing)} trainable parameters, e.g. {missing[0]}")
+    buffers = {k.removeprefix("buffers/"): v for k, v in tensors.items() if k.startswith("buffers/")}
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name in weights:
                 param.copy_(weights[name])
+        for name, buffer in trained_buffers(model).items():
+            if name in buffers:  # checkpoints from before buffers were kept have none
+                buffer.copy_(buffers[name])
     if optimizer is not None:
         per_param: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():

@@ -123,7 +123,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from orchestrator.console import verbose_requested
     from orchestrator.demo import run_demo
-    run_demo(args.set, verbose=verbose_requested(args.verbose))
+    run_demo(args.set, verbose=verbose_requested(args.verbose), task=args.task)
     return 0
 
 
@@ -308,9 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help="any other field of the spec, e.g. batch_size=64 or backbone=swin_t (repeatable)")
     pretrain.set_defaults(func=_cmd_pretrain)
 
-    demo = commands.add_parser("demo", help="train an E3VA detector on synthetic data via local Ray and MLflow")
+    demo = commands.add_parser("demo", help="train an E3VA detector (or UPerNet) on synthetic data via local Ray "
+                                            "and MLflow")
+    demo.add_argument("--task", default="detection", choices=["detection", "segmentation"],
+                      help="detection: Mask R-CNN (experiments/demo.yaml); segmentation: UPerNet "
+                           "(experiments/demo_segmentation.yaml)")
     demo.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                      help="override a field of experiments/demo.yaml (repeatable)")
+                      help="override a field of the demo's experiment (repeatable)")
     demo.add_argument("--verbose", action="store_true", help="show Ray's, pycocotools' and MLflow's output too "
                                                             "(else in the run's log file; or set E3VA_VERBOSE=1)")
     demo.set_defaults(func=_cmd_demo)

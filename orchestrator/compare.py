@@ -3,13 +3,16 @@
 Rows are the runs of an MLflow experiment, or the child runs of a sweep's parent run. Columns, as in
 the papers' tables: method, variant, trainable backbone parameters (and % of the backbone, i.e. of
 full fine-tuning), peak training memory, seconds per iteration (each with its % of ``full`` when a
-``full`` run is among the rows, else ``-``), box and mask AP with their difference to ``full``.
+``full`` run is among the rows, else ``-``), then each task's figures where runs have them (its
+``columns`` in ``orchestrator.tasks``): box and mask AP, mIoU/mAcc/aAcc, the headline ones with their
+difference to ``full``.
 
-Two figures (PNG, and artifacts of the parent run when one is given):
-- ``ap_vs_memory.png``: AP against peak training memory, bubble area = trainable parameters
+Two figures (PNG, and artifacts of the parent run when one is given), of the first headline figure
+the runs have (box AP, mask AP, or mIoU):
+- ``ap_vs_memory.png``: it against peak training memory, bubble area = trainable parameters
   (E3VA's Figure 1). Runs on CPU record no peak memory; the x axis is then seconds per iteration,
   and the figure says so.
-- ``ap_heatmap.png``: AP over two swept hyperparameters (LoRand's Figure 6).
+- ``ap_heatmap.png``: it over two swept hyperparameters (LoRand's Figure 6).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from tabulate import tabulate
 
 from detectors.errors import UserInputError
 from orchestrator.console import CONSOLE
+from orchestrator.tasks import TASKS, Column
 
 # Params every run of ``orchestrator run`` logs besides the method's hyperparameters.
 RUN_PARAMS = {"method", "variant", "backbone", "detector", "engine", "batch_per_worker", "workers", "batch_total",
@@ -74,10 +78,11 @@ class Row:
         history = [m.value for m in client.get_metric_history(self.run_id, "seconds_per_iteration")
                    if m.step > 1] if "seconds_per_iteration" in metrics else []
         self.seconds = statistics.median(history) if history else _number(metrics.get("seconds_per_iteration"))
-        self.ap_box = _number(metrics.get("val_bbox_AP"))
-        self.ap50_box = _number(metrics.get("val_bbox_AP50"))
-        self.ap_mask = _number(metrics.get("val_segm_AP"))
+        self.metrics = metrics
         self.steps = _number(metrics.get("step"))
+
+    def figure(self, column: Column) -> float | None:
+        return _number(self.metrics.get(column.metric))
 
     def hyperparameters(self) -> dict[str, str]:
         """The method's own hyperparameters among the run's params."""
@@ -162,16 +167,29 @@ def settings(rows: list[Row]) -> dict[str, str]:
     return {r.run_id: " ".join(f"{k.rsplit('.', 1)[-1]}={r.params.get(k, '-')}" for k in varied) for r in rows}
 
 
+def figure_columns(rows: list[Row]) -> list[Column]:
+    """The columns of the tasks some run has figures for (detection's when none has any)."""
+    have = [task.columns for task in TASKS.values() if any(r.figure(c) is not None for c in task.columns for r in rows)]
+    return [c for columns in have or [TASKS["detection"].columns] for c in columns]
+
+
+def headline_column(rows: list[Row]) -> Column:
+    """What the figures plot: the first plotted figure (box AP, mask AP, mIoU) the runs have."""
+    plotted = [c for c in figure_columns(rows) if c.plotted]
+    return next((c for c in plotted if any(r.figure(c) is not None for r in rows)), plotted[0])
+
+
 def build_table(rows: list[Row]) -> str:
     """The papers' table; where runs differ in setting (backbone start, data budget), one block per
     setting, each against its own ``full`` run."""
     setting_of = settings(rows)
     ordered = sorted(rows, key=lambda r: setting_of[r.run_id]) if any(setting_of.values()) else rows
+    columns = figure_columns(rows)
     refs = {}
     for setting in set(setting_of.values()):
         full = [r for r in rows if r.method == "full" and setting_of[r.run_id] == setting]
-        refs[setting] = {key: _mean(getattr(r, key) for r in full) if full else None
-                         for key in ("memory", "seconds", "ap_box", "ap_mask")}
+        refs[setting] = {key: _mean(getattr(r, key) for r in full) if full else None for key in ("memory", "seconds")}
+        refs[setting].update({c.metric: _mean(r.figure(c) for r in full) if full else None for c in columns})
     varied = _varied_hyperparameters(rows)
     table = []
     for r in ordered:
@@ -185,12 +203,18 @@ def build_table(rows: list[Row]) -> str:
                       _fmt(None if r.trainable is None else r.trainable / 1e6, 3), _fmt(r.percent, 2),
                       _fmt(r.memory, 0), _ratio(r.memory, ref["memory"]),
                       _fmt(r.seconds, 3), _ratio(r.seconds, ref["seconds"]),
-                      _fmt(r.ap_box), _fmt(r.ap50_box), _delta(r.ap_box, ref["ap_box"]),
-                      _fmt(r.ap_mask), _delta(r.ap_mask, ref["ap_mask"]), status])
+                      *_figure_cells(r, columns, ref), status])
     headers = ["run", *(["setting"] if any(setting_of.values()) else []), "method", "variant", "params (M)",
-               "% of full", "peak mem (MB)", "vs full", "s/iter", "vs full", "AP box", "AP50", "delta", "AP mask",
-               "delta", "status"]
+               "% of full", "peak mem (MB)", "vs full", "s/iter", "vs full", *_figure_headers(columns), "status"]
     return tabulate(table, headers=headers, disable_numparse=True)
+
+
+def _figure_cells(row: Row, columns: list[Column], ref: dict) -> list[str]:
+    return [_delta(row.figure(c), ref[c.metric]) if c.delta else _fmt(row.figure(c)) for c in columns]
+
+
+def _figure_headers(columns: list[Column]) -> list[str]:
+    return [c.header for c in columns]
 
 
 def _varied_hyperparameters(rows: list[Row]) -> dict[str, set[str]]:
@@ -217,13 +241,13 @@ def _pyplot():
 
 
 def plot_ap_vs_memory(rows: list[Row], path: Path) -> str | None:
-    """AP against peak training memory, bubble area = trainable parameters. Returns a note, if any."""
+    """The headline figure (box AP, mask AP or mIoU) against peak training memory, bubble area = trainable parameters. Returns a note, if any."""
     plt = _pyplot()
     note = None
     use_memory = any(r.memory is not None for r in rows)
     x_of = (lambda r: r.memory) if use_memory else (lambda r: r.seconds)
-    kind = "box" if any(r.ap_box is not None for r in rows) else "mask"
-    y_of = (lambda r: r.ap_box) if kind == "box" else (lambda r: r.ap_mask)
+    headline = headline_column(rows)
+    y_of = (lambda r: r.figure(headline))
     if use_memory:
         keys = {r.memory_key for r in rows if r.memory_key}
         xlabel = "peak training memory (MB)" if keys == {"peak_memory_mb"} else "training memory (MB)"
@@ -259,10 +283,10 @@ def plot_ap_vs_memory(rows: list[Row], path: Path) -> str | None:
         else:
             ax.legend(handles=handles, fontsize=7, loc="best")
     else:
-        ax.text(0.5, 0.5, "no run has both AP and the x figure", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, f"no run has both {headline.header} and the x figure", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(f"AP ({kind})")
-    title = "AP vs training cost (bubble area = trainable backbone parameters)"
+    ax.set_ylabel(headline.header)
+    title = f"{headline.header} vs training cost (bubble area = trainable backbone parameters)"
     ax.set_title(title if note is None else f"{title}\n{note}", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -287,17 +311,17 @@ def swept_keys(rows: list[Row], parent) -> list[str]:
 
 
 def plot_heatmap(rows: list[Row], keys: tuple[str, str], path: Path) -> None:
-    """Mean AP of the runs with each pair of values of ``keys`` (LoRand's Figure 6)."""
+    """The mean headline figure of the runs with each pair of values of ``keys`` (LoRand's Figure 6)."""
     plt = _pyplot()
     import numpy as np
     first, second = keys
     ys = sorted({r.params[first] for r in rows if first in r.params}, key=_sort_key)
     xs = sorted({r.params[second] for r in rows if second in r.params}, key=_sort_key)
-    kind = "box" if any(r.ap_box is not None for r in rows) else "mask"
+    headline = headline_column(rows)
     grid = np.full((len(ys), len(xs)), np.nan)
     for i, y in enumerate(ys):
         for j, x in enumerate(xs):
-            values = [r.ap_box if kind == "box" else r.ap_mask for r in rows
+            values = [r.figure(headline) for r in rows
                       if r.params.get(first) == y and r.params.get(second) == x]
             mean = _mean(values)
             if mean is not None:
@@ -315,8 +339,8 @@ def plot_heatmap(rows: list[Row], keys: tuple[str, str], path: Path) -> None:
     ax.set_yticks(range(len(ys)), ys)
     ax.set_xlabel(second)
     ax.set_ylabel(first)
-    ax.set_title(f"AP ({kind}) over {first.rsplit('.', 1)[-1]} x {second.rsplit('.', 1)[-1]}", fontsize=10)
-    fig.colorbar(image, ax=ax, label=f"AP ({kind})")
+    ax.set_title(f"{headline.header} over {first.rsplit('.', 1)[-1]} x {second.rsplit('.', 1)[-1]}", fontsize=10)
+    fig.colorbar(image, ax=ax, label=headline.header)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from detectors.data.transforms import SWIN_MAX_SIZE, SWIN_TEST_SHORT_EDGE, SWIN_TRAIN_SHORT_EDGES
+from detectors.segmentation.transforms import ADE20K_CROP, ADE20K_SCALE
 from detectors.errors import UserInputError
 from detectors.upstream import UpstreamSpec
 from orchestrator.gpu_kinds import check_kind
@@ -51,7 +52,10 @@ class SyntheticData(_Strict):
 
 
 class DataConfig(_Strict):
+    """Where the data is, and how images are resized. Which fields apply depends on the task
+    (``orchestrator.tasks``): detection reads COCO files, semantic segmentation an ADE20K-layout folder."""
     synthetic: SyntheticData | None = None
+    # detection: COCO-format images and annotations
     train_images: Path | None = None
     train_json: Path | None = None
     val_images: Path | None = None
@@ -59,18 +63,35 @@ class DataConfig(_Strict):
     train_short_edges: list[int] = list(SWIN_TRAIN_SHORT_EDGES)
     test_short_edge: int = SWIN_TEST_SHORT_EDGE
     max_size: int = SWIN_MAX_SIZE
+    # semantic segmentation: an ADE20K-layout folder and the recipe's pipeline
+    root: Path | None = Field(None, description="a folder with images/{training,validation} and "
+                                                "annotations/{training,validation} (label PNGs)")
+    classes: list[str] | Literal["ade20k"] | None = Field(None, description="the class names, in label order, or "
+                                                                           "'ade20k' for its 150")
+    reduce_zero_label: bool = Field(False, description="label 0 is 'other' (ignored) and 1..K are the classes, as in "
+                                                       "ADE20K")
+    scale: tuple[PositiveInt, PositiveInt] = Field(ADE20K_SCALE, description="(long, short) edges images are fitted "
+                                                                            "into, for testing and (times the ratio) "
+                                                                            "training")
+    ratio_range: tuple[float, float] = Field((0.5, 2.0), description="training rescales the scale by a ratio in it")
+    crop_size: tuple[PositiveInt, PositiveInt] = Field(ADE20K_CROP, description="training crops (height, width)")
+    cat_max_ratio: float = Field(0.75, gt=0, le=1, description="a crop is drawn again (up to ten times) while one "
+                                                              "class covers more of it than this")
+    slide_stride: tuple[PositiveInt, PositiveInt] | None = Field(None, description="test with crop_size windows "
+                                                                                  "every this many pixels (the recipe:"
+                                                                                  " 341); default the whole image")
     flip: float = Field(0.5, ge=0, le=1)
     loader_workers: int | None = Field(None, ge=0, description="data-loading processes per worker; default: "
                                                           "the worker's CPUs less the one that trains")
 
-    @model_validator(mode="after")
-    def _one_source(self) -> "DataConfig":
-        paths = [self.train_images, self.train_json, self.val_images, self.val_json]
-        if self.synthetic is None and any(p is None for p in paths):
-            raise ValueError("give either 'synthetic' or all of train_images, train_json, val_images, val_json")
-        if self.synthetic is not None and any(p is not None for p in paths):
-            raise ValueError("give either 'synthetic' or dataset paths, not both")
-        return self
+    def given(self, *names: str) -> list[str]:
+        """Those of ``names`` the experiment sets to other than their defaults (as a value, so that a
+        config dumped and read again, as the workers do, says the same)."""
+        return [name for name in names if getattr(self, name) != type(self).model_fields[name].default]
+
+    def class_names(self) -> list[str] | None:
+        from detectors.segmentation.classes import ADE20K_CLASSES
+        return list(ADE20K_CLASSES) if self.classes == "ade20k" else self.classes
 
 
 class BackboneConfig(_Strict):
@@ -106,14 +127,15 @@ class TuningConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    engine: str = "torchvision"
-    detector: str = "mask_rcnn"
-    # Passed to the engine's detector constructor, e.g. lighter RoI sampling for small images.
+    task: str | None = Field(None, description="detection or segmentation; default: the task of 'detector'")
+    engine: str = Field("torchvision", description="detection: the library that builds the detector")
+    detector: str = Field("mask_rcnn", description="the model: mask_rcnn, retinanet, ... or upernet")
+    # Passed to the model's constructor, e.g. lighter RoI sampling for small images.
     options: dict[str, Any] = {}
 
 
 class ScheduleConfig(_Strict):
-    """AdamW with linear warm-up and step decays, as the papers train."""
+    """AdamW with linear warm-up, then step decays (detection) or poly decay (segmentation), as the papers train."""
     iterations: int | None = Field(None, ge=1)
     epochs: int | None = Field(None, ge=1)
     batch_size: PositiveInt | list[PositiveInt] | dict[str, PositiveInt] | Literal["auto"] = Field(
@@ -124,8 +146,11 @@ class ScheduleConfig(_Strict):
     weight_decay: float = Field(0.05, ge=0)
     warmup_iterations: int = Field(0, ge=0)
     warmup_factor: float = Field(0.001, gt=0, le=1)
+    policy: Literal["step", "poly"] = Field("step", description="step: lr times gamma at each decay_at; poly: lr "
+                                                               "times (1 - iteration / iterations) ** power")
     decay_at: list[float] = Field([], description="iterations (or epochs, with 'epochs') where lr drops")
     gamma: float = Field(0.1, gt=0)
+    power: float = Field(1.0, gt=0, description="poly: the exponent of the decay")
     clip_grad_norm: float | None = Field(None, gt=0)
     amp: bool = Field(True, description="mixed precision on GPU; ignored on CPU")
 
@@ -133,6 +158,8 @@ class ScheduleConfig(_Strict):
     def _length(self) -> "ScheduleConfig":
         if (self.iterations is None) == (self.epochs is None):
             raise ValueError("give exactly one of 'iterations' and 'epochs'")
+        if self.policy == "poly" and self.decay_at:
+            raise ValueError("decay_at: poly decays every iteration; decay_at is for policy 'step'")
         return self
 
 
@@ -212,6 +239,18 @@ class ExperimentConfig(_Strict):
         if not value or any(c in value for c in "/\\"):
             raise ValueError("must be a non-empty name without slashes")
         return value
+
+    @model_validator(mode="after")
+    def _fits_its_task(self) -> "ExperimentConfig":
+        from orchestrator.tasks import task_of
+        task_of(self).check_config(self)  # ValueError naming the field
+        return self
+
+    @property
+    def task(self):
+        """What differs between detection and segmentation runs (``orchestrator.tasks.Task``)."""
+        from orchestrator.tasks import task_of
+        return task_of(self)
 
     @model_validator(mode="after")
     def _batch_sizes_fit_workers(self) -> "ExperimentConfig":
@@ -365,7 +404,7 @@ def check_inputs_exist(cfg: ExperimentConfig) -> None:
     """Missing datasets and weight files are found before any worker starts."""
     fields = {"data.train_images": cfg.data.train_images, "data.train_json": cfg.data.train_json,
               "data.val_images": cfg.data.val_images, "data.val_json": cfg.data.val_json,
-              "backbone.weights": cfg.backbone.weights}
+              "data.root": cfg.data.root, "backbone.weights": cfg.backbone.weights}
     for name, value in fields.items():
         if value is not None and not Path(value).exists():
             raise UserInputError(f"{name}: {value} does not exist")

@@ -1,8 +1,9 @@
 """``python -m orchestrator demo``: the whole product on this machine in a few minutes.
 
-Generates the synthetic dataset, trains the E3VA Swin Mask R-CNN of ``experiments/demo.yaml``
-through a local Ray instance, evaluates it, records everything in a local MLflow store, and ends
-with the result table and the command that opens the MLflow UI on it.
+Generates the synthetic dataset, trains the E3VA Swin Mask R-CNN of ``experiments/demo.yaml`` (with
+``--task segmentation`` the E3VA UPerNet of ``experiments/demo_segmentation.yaml``) through a local Ray
+instance, evaluates it, records everything in a local MLflow store, and ends with the result table and
+the command that opens the MLflow UI on it.
 """
 from __future__ import annotations
 
@@ -11,18 +12,21 @@ from typing import Sequence
 
 from detectors.errors import UserInputError
 
-DEMO_EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "demo.yaml"
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+DEMO_EXPERIMENT = EXPERIMENTS / "demo.yaml"
+DEMO_EXPERIMENTS = {"detection": DEMO_EXPERIMENT, "segmentation": EXPERIMENTS / "demo_segmentation.yaml"}
 
 
-def run_demo(overrides: Sequence[str] = (), verbose: bool = False) -> dict:
+def run_demo(overrides: Sequence[str] = (), verbose: bool = False, task: str = "detection") -> dict:
     from orchestrator.config import load_experiment
     from orchestrator.console import CONSOLE, internals_to
     from orchestrator.run import preflight, run_experiment
     from orchestrator.summary import print_summary
-    if not DEMO_EXPERIMENT.is_file():
-        raise UserInputError(f"the demo experiment {DEMO_EXPERIMENT} is missing: run the demo from a checkout "
+    experiment = DEMO_EXPERIMENTS[task]
+    if not experiment.is_file():
+        raise UserInputError(f"the demo experiment {experiment} is missing: run the demo from a checkout "
                              f"installed with pip install -e .")
-    cfg = load_experiment(DEMO_EXPERIMENT, overrides)
+    cfg = load_experiment(experiment, overrides)
     preflight(cfg)  # bad input is one line before the run's folder and log exist
     with internals_to(cfg.run_dir / "run.log", verbose):
         outcome = run_experiment(cfg, show_progress=True, checked=True)

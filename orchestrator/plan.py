@@ -73,13 +73,9 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 
 
 def training_size(cfg: ExperimentConfig) -> tuple[int, int]:
-    """The padded worst case of the training resize: the largest short edge by ``max_size``."""
-    return padded((max(cfg.data.train_short_edges), cfg.data.max_size))
-
-
-def _check_engine(cfg: ExperimentConfig) -> None:
-    from detectors.engines import ENGINES
-    ENGINES.get(cfg.model.engine).check(cfg.model.engine, cfg.model.detector)
+    """The padded worst case of the task's training images (detection: the largest short edge by
+    ``max_size``; segmentation: the crop)."""
+    return padded(cfg.task.training_size(cfg))
 
 
 def fitting_gpus(plan: MethodPlan, batch: int, gpus: dict[str, float], reserve_gib: float) -> dict[str, bool]:
@@ -110,12 +106,11 @@ def suggest(plans: dict[str, MethodPlan], gpus: dict[str, float], method: str, b
 def plan_for(cfg: ExperimentConfig, method: str, hyperparameters: dict, device: str | torch.device,
              sizes: Sequence[tuple[int, int]] | None = None, progress=None) -> MethodPlan:
     """The fitted memory model of the experiment's detector tuned by ``method``, profiled on ``device``."""
-    synthetic = cfg.data.synthetic
     return plan_method(
         method, training_size(cfg), str(device), backbone=cfg.backbone.name, detector=cfg.model.detector,
         engine=cfg.model.engine, backbone_kwargs={"drop_path_rate": cfg.backbone.drop_path_rate, **cfg.backbone.overrides},
         hyperparameters=hyperparameters, detector_options=cfg.model.options,
-        num_classes=synthetic.num_classes if synthetic else None, sizes=sizes, progress=progress)
+        num_classes=cfg.task.num_classes(cfg), sizes=sizes, progress=progress)
 
 
 def auto_batch_size(cfg: ExperimentConfig, device: torch.device, memory_bytes: float, reserve_gib: float = 0.5) -> int:
@@ -145,7 +140,7 @@ def plan_experiment(cfg: ExperimentConfig, gpus: dict[str, float], methods: Sequ
     for method in methods:  # unknown names and bad hyperparameters fail before anything is profiled
         hyperparameters[method] = cfg.tuning.hyperparameters if method == cfg.tuning.method else {}
         resolve_method(method, hyperparameters[method])
-    _check_engine(cfg)
+    cfg.task.check_model(cfg)
     size = training_size(cfg)
     sizes = list(sizes or profile_sizes(size))
     plans = {method: plan_for(cfg, method, hyperparameters[method], device, sizes,

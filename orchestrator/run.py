@@ -19,8 +19,6 @@ import torch
 
 from detectors.backbones import SWIN_SPECS, build_swin
 from detectors.backbones.swin import fitting_state_dict
-from detectors.data import CocoDetection
-from detectors.engines import ENGINES
 from detectors.errors import UserInputError
 from detectors.params import count_parameters
 from orchestrator.checkpointing import STATE, WEIGHTS, check_identity, newest_checkpoint
@@ -42,7 +40,7 @@ def preflight(cfg: ExperimentConfig) -> None:
     if cfg.backbone.name not in SWIN_SPECS:
         raise UserInputError(f"backbone.name: unknown backbone {cfg.backbone.name!r}; "
                              f"choose one of {', '.join(SWIN_SPECS)}")
-    ENGINES.get(cfg.model.engine).check(cfg.model.engine, cfg.model.detector, cfg.model.options)
+    cfg.task.check_model(cfg)
     check_inputs_exist(cfg)
     storage = cfg.ray_storage(probe=True)
     storage.check()
@@ -57,9 +55,7 @@ def preflight(cfg: ExperimentConfig) -> None:
             fitting_state_dict(model, cfg.backbone.weight_file())
         except UserInputError as exc:
             raise UserInputError(f"backbone.{'upstream' if cfg.backbone.upstream else 'weights'}: {exc}") from None
-    paths = dataset_paths(cfg)
-    for split in ("train", "val"):
-        CocoDetection(paths[f"{split}_images"], paths[f"{split}_json"]).check_files()
+    cfg.task.check_files(cfg)
 
 
 def check_cluster(cfg: ExperimentConfig, nodes: list[dict]) -> None:
@@ -95,7 +91,8 @@ def _params(cfg: ExperimentConfig) -> dict[str, Any]:
     count = count_parameters(cfg.backbone.name, cfg.tuning.method, cfg.tuning.hyperparameters,
                              **cfg.backbone.overrides)
     return {"method": count.method, "variant": cfg.tuning.method, **count.hyperparameters,
-            "backbone": cfg.backbone.name, "detector": cfg.model.detector, "engine": cfg.model.engine,
+            "backbone": cfg.backbone.name, "detector": cfg.model.detector, "task": cfg.task.name,
+            **cfg.task.run_params(cfg),
             "batch_per_worker": cfg.schedule.batch_size, "workers": cfg.scaling.workers,
             **({"batch_total": sum(cfg.batch_sizes())} if cfg.batch_sizes() else {}), "lr": cfg.schedule.lr,
             "gpu_kind": cfg.scaling.gpu_kind or ("any gpu" if cfg.scaling.use_gpu else "cpu"),

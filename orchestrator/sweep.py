@@ -115,7 +115,7 @@ class AshaConfig(_Strict):
     def _reported(cls, value: str) -> str:
         if not (value.startswith(("train/", "val/")) or value in EVERY_REPORT or value == "peak_memory_mb"):
             raise ValueError(f"{value!r} is not a reported metric; use e.g. train/loss, val/bbox/AP, "
-                             f"val/segm/AP, seconds_per_iteration")
+                             f"val/segm/AP, val/segmentation/mIoU, seconds_per_iteration")
         return value
 
     @property
@@ -516,7 +516,7 @@ def _trainable(sweep: Sweep, parent_run_id: str | None):
     return tune.with_resources(tune.with_parameters(_run_trial, context=context), resources)
 
 
-def _trial_lines(total: int):
+def _trial_lines(total: int, headline: str):
     """A Tune callback (in this driver): one line as each trial starts and as it ends, with the count.
     Tune pickles it with its state, so it finds the terminal when called, not when made."""
     from ray.tune import Callback
@@ -535,7 +535,7 @@ def _trial_lines(total: int):
         def _ended(self, trial, how: str) -> None:
             self.ended += 1
             result = trial.last_result or {}
-            figures = ", ".join(f"{key} {result[key]:.4g}" for key in ("train/loss", "val/bbox/AP") if key in result)
+            figures = ", ".join(f"{key} {result[key]:.4g}" for key in ("train/loss", headline) if key in result)
             say(f"trial {trial} {how} at step {result.get('step', 0)}" + (f" ({figures})" if figures else "")
                 + f"  [{self.ended}/{total} trials ended]")
 
@@ -699,7 +699,7 @@ def run_sweep(sweep: Sweep, compare: bool = True) -> dict[str, Any]:
                     trial_name_creator=functools.partial(trial_name, sweep.name, _numbered(sweep)),
                     trial_dirname_creator=functools.partial(trial_name, sweep.name, _numbered(sweep))),
                 run_config=tune.RunConfig(name="tune", **storage.ray_kwargs(), verbose=1,
-                                          callbacks=[_trial_lines(sweep.cfg.num_trials)]))
+                                          callbacks=[_trial_lines(sweep.cfg.num_trials, sweep.base.task.headline)]))
         results = tuner.fit()
         status = "FINISHED"
     except KeyboardInterrupt:

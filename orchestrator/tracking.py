@@ -60,18 +60,14 @@ def experiment_id(client, name: str, uri: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-MASK_DETECTORS = ("mask_rcnn", "cascade_mask_rcnn")
-
-
 def describe_run(cfg) -> tuple[str, dict[str, str]]:
     """The MLflow run's name (``tracking.run_name``, else what it is: ``e3va-r8 swin_t mask_rcnn``) and the
     tags a user filters and compares by."""
     hyper = cfg.tuning.hyperparameters
     variant = cfg.tuning.method + (f"-r{hyper['rank']}" if "rank" in hyper else "")
     name = cfg.tracking.run_name or f"{variant} {cfg.backbone.name} {cfg.model.detector}"
-    task = "instance-segmentation" if cfg.model.detector in MASK_DETECTORS else "detection"
     return name, {"method": cfg.tuning.method, "backbone": cfg.backbone.name, "detector": cfg.model.detector,
-                  "engine": cfg.model.engine, "task": task}
+                  "task": cfg.task.run_tag(cfg), **cfg.task.run_params(cfg)}
 
 
 def log_dataset(client, run_id: str, cfg, paths: dict[str, Any]) -> None:
@@ -82,15 +78,13 @@ def log_dataset(client, run_id: str, cfg, paths: dict[str, Any]) -> None:
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
+    name, files, source_path = cfg.task.dataset_record(cfg, paths)
     digest = hashlib.sha256()
-    for split in ("train", "val"):
-        digest.update(Path(paths[f"{split}_json"]).read_bytes())
-    synthetic = cfg.data.synthetic
-    name = (f"synthetic-shapes-{synthetic.num_train}+{synthetic.num_val}" if synthetic is not None
-            else Path(paths["train_json"]).stem)
+    for path in files:
+        digest.update(path.read_bytes())
     with warnings.catch_warnings():  # "can be interpreted in multiple ways": all of them name this file
         warnings.simplefilter("ignore", UserWarning)
-        source = resolve_dataset_source(str(Path(paths["train_json"]).resolve()))
+        source = resolve_dataset_source(str(source_path.resolve()))
     dataset = MetaDataset(source, name=name, digest=digest.hexdigest()[:10])
     client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", "train")])])
 

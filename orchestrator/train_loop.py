@@ -4,8 +4,9 @@
 in this process without Ray (for the overhead comparison and for debugging). It is the only place
 that calls ``ray.train.report``: once a step, with a checkpoint where one is due. Workers never
 talk to MLflow; the driver logs their reports (``orchestrator.tracking.metrics_callback``).
-Evaluation is sharded: every rank predicts its own share of the validation split, and rank 0
-computes COCO AP once over all of them, while the other ranks wait in Ray's report (which has no
+What differs between detection and segmentation comes from the experiment's task
+(``orchestrator.tasks``). Evaluation is sharded: every rank predicts its own share of the validation
+split, and rank 0 scores it once over all of them (COCO AP, or mIoU from the summed confusion matrices), while the other ranks wait in Ray's report (which has no
 timeout), not in the process group.
 """
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import math
 import resource
 import statistics
 import sys
@@ -25,62 +25,49 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader
 
-from detectors.data import CocoDetection, build_transforms, collate_fn, make_synthetic_coco
 from detectors.data.sampling import ProportionalBatchSampler, rank_loss_weight
-from detectors.engines import build_detector
 from detectors.errors import UserInputError
-from detectors.training import check_num_classes, evaluate_shards, evaluation_shard, move_batch, predict_dataset, \
-    training_step
+from detectors.training import evaluation_shard, training_step
 from detectors.tuning import resolve_method
-from orchestrator.checkpointing import backbone_fingerprint, load_checkpoint, save_checkpoint
+from orchestrator.checkpointing import backbone_fingerprint, load_checkpoint, save_checkpoint, trained_buffers
 from orchestrator.config import ExperimentConfig
 from orchestrator.gpu_kinds import CPU, kind_from_name, kind_from_resources
 
 
 def dataset_paths(cfg: ExperimentConfig) -> dict[str, Any]:
     """Where the data is; the synthetic dataset is written (once, atomically) on first use."""
-    if cfg.data.synthetic is not None:
-        s = cfg.data.synthetic
-        return make_synthetic_coco(s.folder(), num_train=s.num_train, num_val=s.num_val,
-                                   image_size=tuple(s.image_size), num_classes=s.num_classes, seed=s.seed,
-                                   colours=s.colours)
-    return {"train_images": cfg.data.train_images, "train_json": cfg.data.train_json,
-            "val_images": cfg.data.val_images, "val_json": cfg.data.val_json}
+    return cfg.task.dataset_paths(cfg)
 
 
-def build_datasets(cfg: ExperimentConfig) -> tuple[CocoDetection, CocoDetection]:
-    paths = dataset_paths(cfg)
-    d = cfg.data
-    train = CocoDetection(paths["train_images"], paths["train_json"],
-                          build_transforms(True, d.train_short_edges, d.max_size, flip_prob=d.flip))
-    return train, build_val_dataset(cfg, paths)
+def build_datasets(cfg: ExperimentConfig):
+    """The training and validation datasets of the experiment's task."""
+    return cfg.task.build_datasets(cfg)
 
 
-def build_val_dataset(cfg: ExperimentConfig, paths: dict[str, Any] | None = None) -> CocoDetection:
-    paths = paths or dataset_paths(cfg)
-    d = cfg.data
-    return CocoDetection(paths["val_images"], paths["val_json"],
-                         build_transforms(False, test_short_edge=d.test_short_edge, max_size=d.max_size))
+def build_val_dataset(cfg: ExperimentConfig, paths: dict[str, Any] | None = None):
+    return cfg.task.build_val_dataset(cfg, paths)
 
 
 def build_model(cfg: ExperimentConfig, num_classes: int):
-    return build_detector(cfg.model.engine, cfg.model.detector, num_classes, backbone=cfg.backbone.name,
-                          tuning=cfg.tuning.method, weights=cfg.backbone.weight_file(),
-                          hyperparameters=cfg.tuning.hyperparameters, detector_options=cfg.model.options,
-                          drop_path_rate=cfg.backbone.drop_path_rate, **cfg.backbone.overrides)
+    """The experiment's detector or segmentation model, its backbone tuned as the file says."""
+    return cfg.task.build_model(cfg, num_classes)
 
 
 def lr_factor(cfg: ExperimentConfig, iterations_per_epoch: int) -> Callable[[int], float]:
-    """Linear warm-up, then a factor ``gamma`` at every decay point (iterations, or epochs)."""
+    """Linear warm-up times the decay: a factor ``gamma`` at every decay point (iterations, or epochs),
+    or poly, ``(1 - iteration / total) ** power`` (mmcv's rule: warm-up scales the decayed rate)."""
     s = cfg.schedule
     scale = iterations_per_epoch if s.epochs else 1
     decays = sorted(int(point * scale) for point in s.decay_at)
+    total = s.iterations or s.epochs * iterations_per_epoch
 
     def factor(iteration: int) -> float:
         warm = 1.0
         if iteration < s.warmup_iterations:
             alpha = iteration / s.warmup_iterations
             warm = s.warmup_factor * (1 - alpha) + alpha
+        if s.policy == "poly":
+            return warm * max(1 - iteration / total, 0.0) ** s.power
         return warm * s.gamma ** sum(iteration >= d for d in decays)
     return factor
 
@@ -110,7 +97,7 @@ def config_identity(cfg: ExperimentConfig) -> dict[str, Any]:
     """What a checkpoint must have been made for, as far as the experiment file says."""
     method, hparams = resolve_method(cfg.tuning.method, cfg.tuning.hyperparameters)
     return {"backbone": cfg.backbone.name, "method": method, "hyperparameters": dataclasses.asdict(hparams),
-            "detector": f"{cfg.model.engine}/{cfg.model.detector}"}
+            "detector": cfg.task.model_id(cfg)}
 
 
 def run_identity(cfg: ExperimentConfig, detector) -> dict[str, Any]:
@@ -142,6 +129,9 @@ class _Hooks:
     def gather(self, value: Any) -> list[Any]:
         """``value`` from every rank, in rank order."""
         return [value]
+
+    def share_buffers(self, model) -> None:
+        """Rank 0's trained buffers (BatchNorm statistics) on every rank, as its checkpoint has them."""
 
 
 class _RayHooks(_Hooks):
@@ -180,6 +170,13 @@ class _RayHooks(_Hooks):
         import ray
         node = ray.get_runtime_context().get_node_id()
         return next((n["Resources"] for n in ray.nodes() if n["NodeID"] == node), {})
+
+    def share_buffers(self, model) -> None:
+        # DDP broadcasts them before each forward: after the last step each rank holds its own batch's.
+        if self.world > 1:
+            import torch.distributed as dist
+            for buffer in trained_buffers(model).values():
+                dist.broadcast(buffer, src=0)
 
     def gather(self, value: Any) -> list[Any]:
         if self.world == 1:
@@ -224,13 +221,12 @@ def _train(cfg: ExperimentConfig, hooks: _Hooks, fail_at_step: int | None = None
     if device.type == "cpu":  # the CPUs this worker reserved, in and out of Ray alike
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    train_set, val_set = build_datasets(cfg)
-    detector = build_model(cfg, train_set.num_classes).to(device)
-    check_num_classes(train_set, train_set.num_classes)
+    task = cfg.task
+    train_set, val_set = task.build_datasets(cfg)
     # the classes travel with the checkpoint: predict and serve name them without the dataset
-    identity = {**run_identity(cfg, detector),
-                "classes": [{"id": train_set.label_to_cat_id[label], "name": name}
-                            for label, name in enumerate(train_set.class_names, start=1)]}
+    classes = task.classes(train_set)
+    detector = task.prepare(task.build_model(cfg, train_set.num_classes), device, world).to(device)
+    identity = {**run_identity(cfg, detector), "classes": classes}
     model = hooks.wrap(detector)
     # fused: one kernel over all parameters (CPU and CUDA), where the default runs ~10 ops per tensor
     optimizer = torch.optim.AdamW([p for p in detector.parameters() if p.requires_grad],
@@ -260,11 +256,11 @@ def _train(cfg: ExperimentConfig, hooks: _Hooks, fail_at_step: int | None = None
         epoch, offset = divmod(step, per_epoch)
         sampler.set_epoch(epoch)
         batches = sampler.batches()[offset:]
-        loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate_fn,
+        loader = DataLoader(train_set, batch_sampler=batches, collate_fn=task.collate,
                             num_workers=loader_workers(cfg, device), pin_memory=device.type == "cuda")
         detector.train()
         for batch, (images, targets) in zip(batches, loader):
-            images, targets = move_batch(images, targets, device)
+            images, targets = task.move_batch(images, targets, device)
             losses = training_step(model, optimizer, images, targets, clip_norm=cfg.schedule.clip_grad_norm,
                                    scaler=scaler, autocast_device="cuda" if use_amp else None,
                                    loss_scale=loss_weight)
@@ -288,7 +284,7 @@ def _train(cfg: ExperimentConfig, hooks: _Hooks, fail_at_step: int | None = None
             if last:
                 metrics.update(_run_summary(step_seconds, hooks.gather(seen), hooks.gather(peak_memory_mb(device))))
             if evaluate_now:
-                metrics.update(_evaluate(detector, val_set, device, hooks))
+                metrics.update(_evaluate(cfg, detector, val_set, device, hooks))
             report = {k: v for k, v in metrics.items() if isinstance(v, (int, float, list))}
             unsaved.append({k: v for k, v in report.items() if isinstance(v, (int, float))})
             with tempfile.TemporaryDirectory() as tmp:
@@ -308,18 +304,20 @@ def _train(cfg: ExperimentConfig, hooks: _Hooks, fail_at_step: int | None = None
     return metrics
 
 
-def _evaluate(detector, val_set: CocoDetection, device: torch.device, hooks: _Hooks) -> dict[str, float]:
-    """Every rank predicts its shard; rank 0 merges the predictions and computes COCO AP once."""
+def _evaluate(cfg: ExperimentConfig, model, val_set, device: torch.device, hooks: _Hooks) -> dict[str, float]:
+    """Every rank predicts its shard; rank 0 merges their states and scores the split once (COCO AP,
+    or the confusion matrix's mIoU)."""
+    hooks.share_buffers(model)
     shard = evaluation_shard(len(val_set), hooks.rank, hooks.world)
     started = time.perf_counter()
     shown = None
     if hooks.rank == 0 and hooks.progress is not None:
         from orchestrator.console import evaluation_progress
         shown = evaluation_progress(hooks.progress, len(shard))
-    states = hooks.gather(predict_dataset(detector, val_set, device, indices=shard, on_batch=shown).get_state())
-    metrics = {f"eval_images_rank{rank}": len(state["image_ids"]) for rank, state in enumerate(states)}
+    states = hooks.gather((len(shard), cfg.task.predict_shard(cfg, model, val_set, device, shard, on_batch=shown)))
+    metrics = {f"eval_images_rank{rank}": count for rank, (count, _) in enumerate(states)}
     if hooks.rank == 0:
-        metrics.update({f"val/{k}": v for k, v in evaluate_shards(val_set, states).items()})
+        metrics.update({f"val/{k}": v for k, v in cfg.task.score(val_set, [state for _, state in states]).items()})
         metrics["eval_seconds"] = time.perf_counter() - started
     return metrics
 

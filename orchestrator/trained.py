@@ -105,6 +105,10 @@ def load_trained(source: str | Path, *, weights: str | None = None, tracking_uri
 def load_tasks(sources: Sequence[str | Path], **kwargs: Any) -> tuple[list[TrainedTask], SharedBackbone]:
     """Several trained tasks on one frozen backbone, held once (see ``detectors.sharing``)."""
     tasks = [load_trained(source, **kwargs) for source in sources]
+    for task in tasks:
+        if not task.cfg.task.serves_pictures:
+            raise UserInputError(f"{task.source} is a {task.cfg.task.name} run: predict and serve return the boxes and "
+                                 f"masks of detection runs (evaluate scores any run)")
     first = tasks[0]
     for task in tasks[1:]:
         if task.fingerprint != first.fingerprint:
@@ -199,11 +203,8 @@ def _read_state(checkpoint: Path) -> dict[str, Any]:
 
 def _classes_from_data(cfg: ExperimentConfig) -> list[dict[str, Any]]:
     """Checkpoints from before the classes were recorded: read them from the experiment's data."""
-    from orchestrator.train_loop import dataset_paths
-    from detectors.data import CocoDetection
     try:
-        val = CocoDetection(dataset_paths(cfg)["val_images"], dataset_paths(cfg)["val_json"])
+        return cfg.task.classes(cfg.task.build_val_dataset(cfg))
     except (OSError, ValueError) as exc:
         raise UserInputError(f"the checkpoint does not name its classes and the experiment's data cannot be read "
                              f"({exc})") from None
-    return [{"id": val.label_to_cat_id[label], "name": name} for label, name in enumerate(val.class_names, start=1)]

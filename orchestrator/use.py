@@ -20,7 +20,6 @@ from tabulate import tabulate
 
 from detectors.errors import UserInputError
 from orchestrator.console import CONSOLE
-from orchestrator.summary import results_table
 from orchestrator.trained import TrainedTask, load_tasks, load_trained
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -42,15 +41,15 @@ def evaluate_run(source: str, *, data: Sequence[str] | None = None, overrides: S
             if not Path(path).exists():
                 raise UserInputError(f"{what}: {path} does not exist")
     task = load_trained(source, weights=weights, tracking_uri=tracking_uri, overrides=overrides)
-    from detectors.training import predict_dataset
-    from orchestrator.train_loop import build_val_dataset
-    val = build_val_dataset(task.cfg)
+    kind = task.cfg.task
+    val = kind.build_val_dataset(task.cfg)
     _check_classes(task, val)
     from tqdm import tqdm
     with computing_as_trained(task), tqdm(total=len(val), unit="image", desc="evaluating",
                                           disable=not CONSOLE.isatty(), leave=False) as bar:
-        figures = predict_dataset(task.detector, val, batch_size=batch_size,
-                                  on_batch=lambda done: bar.update(done - bar.n)).evaluate()
+        state = kind.predict_shard(task.cfg, task.detector, val, torch.device("cpu"), range(len(val)),
+                                   on_batch=lambda done: bar.update(done - bar.n), batch_size=batch_size)
+        figures = kind.score(val, [state])
     named = {f"val/{k}": v for k, v in figures.items()}
     report = {k.replace("/", "_"): v for k, v in named.items()}
     destination = Path(out) if out else _default_evaluation_file(source)
@@ -59,8 +58,8 @@ def evaluate_run(source: str, *, data: Sequence[str] | None = None, overrides: S
         CONSOLE.say(json.dumps(report))
     else:
         CONSOLE.say(f"{task.name} ({task.cfg.tuning.method} {task.cfg.backbone.name} {task.cfg.model.detector}) on "
-                    f"{task.cfg.data.val_json or 'the synthetic validation split'}:")
-        CONSOLE.say(results_table(named))
+                    f"{task.cfg.data.val_json or task.cfg.data.root or 'the synthetic validation split'}:")
+        CONSOLE.say(kind.results_table(named))
         CONSOLE.say(f"\nevaluation: {destination}")
     if log:
         _log_to_run(source, tracking_uri, figures)
@@ -106,7 +105,7 @@ def _log_to_run(source: str, tracking_uri: str | None, figures: dict[str, float]
 
 def _check_classes(task: TrainedTask, val) -> None:
     if val.num_classes != len(task.classes):
-        raise UserInputError(f"{val.ann_file} has {val.num_classes} categories, the model {task.source} was trained "
+        raise UserInputError(f"{getattr(val, 'ann_file', None) or val.root} has {val.num_classes} classes, the model {task.source} was trained "
                              f"for {len(task.classes)}")
 
 

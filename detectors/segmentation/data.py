@@ -58,6 +58,27 @@ class SegmentationFolder(Dataset):
         for image in self.images:
             if f"{image.stem}.png" not in labels:
                 raise UserInputError(f"{image} has no label file {self.label_dir / (image.stem + '.png')}")
+        for index in range(len(self.images)):
+            self.check_label_values(index)
+
+    def check_label_values(self, index: int) -> None:
+        """A label that is no class (other than 255) fails here, by its file, not in a training step:
+        8-bit label images are checked by their histogram (milliseconds), others read in full."""
+        highest = self.num_classes if self.reduce_zero_label else self.num_classes - 1
+        path = self.label_path(index)
+        try:
+            with Image.open(path) as picture:
+                counts = picture.histogram() if picture.mode in ("L", "P") else None
+        except OSError as exc:
+            raise UserInputError(f"cannot read label file {path}: {exc}") from None
+        if counts is None:
+            self.read_labels(index)
+            return
+        wrong = [value for value in range(highest + 1, IGNORE_INDEX) if counts[value]]
+        if wrong:
+            raise UserInputError(f"{path}: label value {wrong[-1]} is not a class of this dataset "
+                                 f"({self.num_classes} classes{', 0 ignored' if self.reduce_zero_label else ''}; "
+                                 f"255 = ignore)")
 
     def __len__(self) -> int:
         return len(self.images)

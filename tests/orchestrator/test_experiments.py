@@ -19,3 +19,5 @@ def test_the_papers_recipes_are_all_there():
     for method in ("full", "fixed", "lorand", "e3va"):
         assert f"coco_cascade_mask_rcnn_swin_b_{method}" in names
         assert f"voc_retinanet_swin_l_{method}" in names
+        assert f"voc_faster_rcnn_swin_l_{method}" in names  # LoRand's VOC detector
+        assert f"ade20k_upernet_swin_l_{method}" in names

@@ -15,7 +15,6 @@ pytest.importorskip("mlflow")
 pytest.importorskip("moto")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from detectors.errors import UserInputError  # noqa: E402
 from orchestrator.checkpointing import STATE, WEIGHTS, newest_checkpoint  # noqa: E402
 from orchestrator.config import load_experiment  # noqa: E402
 from orchestrator.storage import open_storage  # noqa: E402

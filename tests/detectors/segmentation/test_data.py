@@ -58,6 +58,15 @@ def test_bad_folders_and_files_are_one_line_naming_them(tmp_path):
         SegmentationFolder(tmp_path / "c", "training", ["x", "y", "z"])[0]
     assert "ADE_2.png: label value 3 is not a class of this dataset (3 classes" in str(caught.value)
     assert "\n" not in str(caught.value)
+    # found before training, by scanning every label file
+    with pytest.raises(UserInputError, match=r"ADE_2.png: label value 3 is not a class of this dataset"):
+        SegmentationFolder(tmp_path / "c", "training", ["x", "y", "z"]).check_files()
+    SegmentationFolder(tmp_path / "c", "training", ["x", "y", "z", "w"]).check_files()
+    write_ade(tmp_path / "d", {"ADE_3": np.array([[0, 150, 255]] * 2)})  # ADE20K: 0 ignored, 1-150 classes
+    SegmentationFolder(tmp_path / "d", "training", [str(i) for i in range(150)], reduce_zero_label=True).check_files()
+    write_ade(tmp_path / "e", {"ADE_4": np.array([[0, 151]] * 2)})
+    with pytest.raises(UserInputError, match=r"ADE_4.png: label value 151 is not a class .*150 classes, 0 ignored"):
+        SegmentationFolder(tmp_path / "e", "training", [str(i) for i in range(150)], reduce_zero_label=True).check_files()
 
 
 def test_training_crops_are_the_crop_size_and_padding_is_ignored():
