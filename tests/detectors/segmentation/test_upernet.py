@@ -99,3 +99,28 @@ def test_bench_measures_upernet_training_steps_side_by_side():
     assert results["e3va"].saved_bytes < results["full"].saved_bytes
     assert results["e3va"].train_bytes < results["full"].train_bytes
     assert results["e3va"].trainable < results["full"].trainable
+
+
+def test_the_losses_keep_only_the_small_logits_for_backward_and_give_the_same_gradients(monkeypatch):
+    """The full-size log-probabilities are recomputed in backward, not kept: same gradients, less saved."""
+    from detectors.bench import saved_tensor_bytes
+    from detectors.segmentation import upernet
+    torch.manual_seed(0)
+    model = UPerNet(tiny_backbone("e3va"), num_classes=150, channels=32, auxiliary_channels=16).train()
+    images, labels = batch(150)
+
+    def gradients():
+        model.zero_grad()
+        torch.manual_seed(1)
+        sum(model(images, labels).values()).backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    def saved():
+        return saved_tensor_bytes(lambda: sum(model(images, labels).values()))
+
+    recomputed, recomputed_saved = gradients(), saved()
+    monkeypatch.setattr(upernet, "checkpoint", lambda fn, *args, **kwargs: fn(*args))
+    kept, kept_saved = gradients(), saved()
+    assert all(torch.equal(a, b) for a, b in zip(recomputed, kept)) and len(kept) > 10
+    # two heads x 2 images x 150 classes x 64x96 float log-probabilities no longer saved
+    assert kept_saved - recomputed_saved >= 2 * 2 * 150 * 64 * 96 * 4 * 0.9
