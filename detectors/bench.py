@@ -118,13 +118,18 @@ ADE20K_CLASSES = 150
 
 
 def _segmentation_subject(method: str, detector: str, backbone: str, images: torch.Tensor, backbone_kwargs: dict,
-                          hyperparameters: dict | None = None, num_classes: int | None = None, **_) -> _Subject:
+                          hyperparameters: dict | None = None, num_classes: int | None = None,
+                          detector_options: dict | None = None, **_) -> _Subject:
     """A segmentation model's training step (e.g. UPerNet's two losses) on fixed random labels."""
     from detectors.segmentation.upernet import SEGMENTERS
     torch.manual_seed(0)
     classes = num_classes or ADE20K_CLASSES
     tuned = build_tuning(method, **(hyperparameters or {})).apply(build_swin(backbone, **backbone_kwargs))
-    model = SEGMENTERS[detector](tuned, classes).to(images.device).train()
+    model = SEGMENTERS[detector](tuned, classes, **(detector_options or {})).to(images.device).train()
+    if images.shape[0] == 1:  # the planner's batch-1 point: BatchNorm cannot take batch statistics of one
+        for module in model.modules():  # 1x1 map; with running ones it saves the same tensors for backward
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     generator = torch.Generator().manual_seed(0)
     labels = torch.randint(0, classes, (images.shape[0], *images.shape[-2:]), generator=generator).to(images.device)
 

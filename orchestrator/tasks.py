@@ -269,13 +269,13 @@ class SegmentationTask(Task):
         if d.ratio_range[0] <= 0 or d.ratio_range[0] > d.ratio_range[1]:
             raise ValueError(f"data.ratio_range: expected 0 < low <= high (got {list(d.ratio_range)})")
         sizes = cfg.batch_sizes()
-        if sizes is not None and min(sizes) < 2 and not cfg.scaling.use_gpu:
+        if sizes is not None and min(sizes) < 2 and not (cfg.scaling.use_gpu and cfg.scaling.workers > 1):
             raise ValueError(f"schedule.batch_size: {self.batch_norm_needs_two()}")
 
     @staticmethod
     def batch_norm_needs_two() -> str:
-        return ("UPerNet needs at least 2 images per worker on CPU: its pyramid pooling normalises a 1x1 map "
-                "with BatchNorm, which one image cannot (on several GPUs SyncBatchNorm counts every worker's)")
+        return ("UPerNet needs at least 2 images per worker: its pyramid pooling normalises a 1x1 map with "
+                "BatchNorm, which one image cannot (on several GPUs SyncBatchNorm counts every worker's)")
 
     def dataset_paths(self, cfg) -> dict[str, Any]:
         from detectors.segmentation import make_synthetic_segmentation
@@ -343,7 +343,7 @@ class SegmentationTask(Task):
 
     def move_batch(self, images, targets, device):
         from detectors.segmentation.evaluation import normalise
-        if images.shape[0] < 2 and device.type != "cuda":
+        if images.shape[0] < 2 and device.type != "cuda":  # (a batch-size mapping or 'auto' chose 1)
             raise UserInputError(f"schedule.batch_size: {self.batch_norm_needs_two()}")
         return normalise(images.to(device, non_blocking=True)), targets.to(device, non_blocking=True)
 

@@ -183,7 +183,7 @@ def test_a_broken_ade20k_folder_is_one_line_naming_the_file_before_anything_is_w
     ("model.engine=detectron2", "model.engine: a detection field"),
     ("data.root=x", "data: give either 'synthetic' or 'root'"),
     ("model.options={dropout: 0.1}", "model.options: dropout is not an option of upernet"),
-    ("schedule.batch_size=1", "UPerNet needs at least 2 images per worker on CPU"),
+    ("schedule.batch_size=1", "UPerNet needs at least 2 images per worker"),
     ("schedule.decay_at=[10]", "decay_at: poly decays every iteration"),
     ("model.task=detection", "'upernet' is not a detection model"),
 ])
