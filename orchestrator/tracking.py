@@ -151,8 +151,9 @@ class Tracker:
 
 
 def metrics_callback(uri: str, run_id: str, logged_through: int = 0):
-    """A Ray Train callback (it runs on the driver's node) that logs rank 0's report of every step
-    after ``logged_through`` to the MLflow run, and once the batch sizes the workers chose."""
+    """A Ray Train callback (it runs on the driver's node) that logs rank 0's figures of every step
+    after ``logged_through`` to the MLflow run (a report carries the steps since the previous one under
+    ``steps``), and once the batch sizes the workers chose."""
     from mlflow.entities import Param
     from ray.train import UserCallback
 
@@ -170,10 +171,11 @@ def metrics_callback(uri: str, run_id: str, logged_through: int = 0):
                                                                   Param("batch_total", str(sum(sizes)))])
                 except Exception:  # noqa: BLE001
                     pass
-            step = int(report.get("step", 0))
-            if step <= self.logged_through:  # logged before the run was interrupted
-                return
-            self.tracker.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float))}, step)
-            self.logged_through = step
+            for figures in [*report.get("steps", []), report]:
+                step = int(figures.get("step", 0))
+                if step <= self.logged_through:  # logged before the run was interrupted
+                    continue
+                self.tracker.log_metrics({k: v for k, v in figures.items() if isinstance(v, (int, float))}, step)
+                self.logged_through = step
 
     return MlflowMetrics()

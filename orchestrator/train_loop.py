@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 import resource
 import statistics
 import sys
@@ -208,6 +209,18 @@ def train_locally(cfg: ExperimentConfig) -> dict:
     return _train(cfg, _Hooks())
 
 
+# Ray Train (2.x) takes one report per worker each time its controller polls, every 2 s: a worker
+# reporting more often waits in ``ray.train.report``, so steps faster than that would each take 2 s.
+# Fast steps are therefore reported in bundles (every step's figures still reach MLflow).
+REPORT_SECONDS = 2.5
+MAX_STEPS_PER_REPORT = 100
+
+
+def steps_per_report(step_seconds: float) -> int:
+    """How many steps of this duration one report may cover (at least one)."""
+    return max(1, min(MAX_STEPS_PER_REPORT, math.ceil(REPORT_SECONDS / max(step_seconds, 1e-3))))
+
+
 def loader_workers(cfg: ExperimentConfig, device: torch.device) -> int:
     """Data-loading processes: as the file says, else the worker's CPUs less the one that trains."""
     if cfg.data.loader_workers is not None:
@@ -250,6 +263,8 @@ def _train(cfg: ExperimentConfig, hooks: _Hooks, fail_at_step: int | None = None
     step_seconds: list[float] = []
     # the reports since the last checkpoint, which carries them (the last thousand: the driver lags by a few)
     unsaved: collections.deque[dict] = collections.deque(maxlen=1000)
+    unreported: list[dict] = []  # steps' figures that travel with the next report
+    report_every = 1  # steps per report: set from the second step's time, the same on every rank
     step = start
     tick = time.perf_counter()
     while step < total:
@@ -286,7 +301,15 @@ def _train(cfg: ExperimentConfig, hooks: _Hooks, fail_at_step: int | None = None
             if evaluate_now:
                 metrics.update(_evaluate(cfg, detector, val_set, device, hooks))
             report = {k: v for k, v in metrics.items() if isinstance(v, (int, float, list))}
-            unsaved.append({k: v for k, v in report.items() if isinstance(v, (int, float))})
+            scalars = {k: v for k, v in report.items() if isinstance(v, (int, float))}
+            unsaved.append(scalars)
+            if step == start + 2:  # the first step's time is warm-up; every rank must agree on the cadence
+                report_every = max(hooks.gather(steps_per_report(seconds)))
+            if not (last or evaluate_now or checkpoint_now or step <= start + 2 or (step - start) % report_every == 0):
+                unreported.append(scalars)
+                continue
+            if unreported:
+                report["steps"], unreported = unreported, []
             with tempfile.TemporaryDirectory() as tmp:
                 directory = None
                 if checkpoint_now and rank == 0:
