@@ -122,15 +122,17 @@ def progress_channel():
 
 
 def progress_callback(channel):
-    """A Ray Train callback (it runs on the driver's node) putting each report's figures into ``channel``."""
+    """A Ray Train callback (it runs on the driver's node) putting each step's figures into ``channel``
+    (a report carries the steps since the previous one under ``steps``)."""
     from ray.train import UserCallback
 
     class Progress(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
             report = metrics[0]
-            channel.put_nowait({"step": report.get("step"), "iterations": report.get("iterations"),
-                                "loss": report.get("train/loss"), "seconds": report.get("seconds_per_iteration"),
-                                "evaluated": any(k.startswith("val/") for k in report)})
+            for figures in [*report.get("steps", []), report]:
+                channel.put_nowait({"step": figures.get("step"), "iterations": figures.get("iterations"),
+                                    "loss": figures.get("train/loss"), "seconds": figures.get("seconds_per_iteration"),
+                                    "evaluated": any(k.startswith("val/") for k in figures)})
     return Progress()
 
 

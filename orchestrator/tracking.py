@@ -166,11 +166,14 @@ def metrics_callback(uri: str, run_id: str, logged_through: int = 0):
             if "batch_sizes" in report and not self.sizes_logged:
                 self.sizes_logged = True
                 sizes = report["batch_sizes"]
-                try:  # a resumed run has them already, with the same values
-                    self.tracker.client.log_batch(run_id, params=[Param("batch_sizes", str(sizes)),
-                                                                  Param("batch_total", str(sum(sizes)))])
-                except Exception:  # noqa: BLE001
-                    pass
+                for attempt in range(3):  # a sqlite store shared by concurrent trials can be locked a moment
+                    try:  # a resumed run has them already, with the same values: no error
+                        self.tracker.client.log_batch(run_id, params=[Param("batch_sizes", str(sizes)),
+                                                                      Param("batch_total", str(sum(sizes)))])
+                        break
+                    except Exception as exc:  # noqa: BLE001 - tracking must never stop training
+                        log.info("batch sizes not logged (try %d): %s", attempt + 1, exc)
+                        time.sleep(0.5)
             for figures in [*report.get("steps", []), report]:
                 step = int(figures.get("step", 0))
                 if step <= self.logged_through:  # logged before the run was interrupted

@@ -66,6 +66,9 @@ def test_upernet_on_an_e3va_swin_learns_the_synthetic_shapes_through_run(trained
     params, tags = trained["run"].data.params, trained["run"].data.tags
     assert params["task"] == "segmentation" and params["detector"] == "upernet" and "engine" not in params
     assert tags["task"] == "semantic-segmentation" and metrics["world_size"] == 2
+    # fast steps report in bundles; every step's figures still reach MLflow
+    history = MlflowClient(trained["uri"]).get_metric_history(trained["run"].info.run_id, "train_loss")
+    assert sorted(m.step for m in history) == list(range(1, 121))
     assert "mIoU" in trained["stdout"] and "aAcc" in trained["stdout"]  # the run's table
     evaluation = json.loads((trained["run_dir"] / "evaluation.json").read_text())
     for name in ("background", "square", "circle", "triangle"):  # per-class IoU in the evaluation artifact
@@ -200,6 +203,12 @@ def test_a_detection_experiment_with_a_segmentation_field_fails_in_one_line(tmp_
     assert main(["run", str(ROOT / "experiments" / "tiny.yaml"), *sets("data.crop_size=[64, 64]",
                                                                        f"output_dir={tmp_path}/out")]) == 2
     assert "data.crop_size: a segmentation field, but this experiment's task is detection" in capsys.readouterr().err
+
+
+def test_fast_steps_share_a_report_and_slow_ones_report_alone():
+    from orchestrator.train_loop import MAX_STEPS_PER_REPORT, REPORT_SECONDS, steps_per_report
+    assert steps_per_report(REPORT_SECONDS * 2) == 1 and steps_per_report(REPORT_SECONDS) == 1
+    assert steps_per_report(REPORT_SECONDS / 10) == 10 and steps_per_report(0.0) == MAX_STEPS_PER_REPORT
 
 
 def test_poly_decay_follows_the_warm_up_to_zero_at_the_last_iteration():
