@@ -323,13 +323,8 @@ class SegmentationTask(Task):
                                **cfg.backbone.overrides)
 
     def check_model(self, cfg) -> None:
-        from detectors.segmentation.upernet import SEGMENTERS
-        import inspect
-        accepted = set(inspect.signature(SEGMENTERS[cfg.model.detector]).parameters) - {"backbone", "num_classes"}
-        unknown = sorted(set(cfg.model.options) - accepted)
-        if unknown:
-            raise UserInputError(f"model.options: {unknown[0]} is not an option of {cfg.model.detector} "
-                                 f"(it takes {', '.join(sorted(accepted))})")
+        from detectors.segmentation.upernet import check_segmenter
+        check_segmenter(cfg.model.detector, cfg.model.options)
 
     def prepare(self, model, device, world):
         # The recipe's heads normalise with SyncBatchNorm over every GPU's images; it runs on CUDA only.

@@ -95,23 +95,28 @@ def slide_inference(model: UPerNet, image: torch.Tensor, crop: tuple[int, int],
     return logits / counts
 
 
+def check_segmenter(name: str, options: dict) -> None:
+    """The model's name and its ``model.options``, before anything is built."""
+    import inspect
+
+    from detectors.errors import UserInputError
+    if name not in SEGMENTERS:
+        raise UserInputError(f"unknown segmentation model {name!r}; choose one of {', '.join(SEGMENTERS)}")
+    accepted = set(inspect.signature(SEGMENTERS[name]).parameters) - {"backbone", "num_classes"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise UserInputError(f"model.options: {', '.join(unknown)} is not an option of {name} "
+                             f"(it takes {', '.join(sorted(accepted))})")
+
+
 def build_segmenter(name: str, num_classes: int, backbone: str = "swin_t", tuning: str = "e3va",
                     weights=None, hyperparameters: dict | None = None, options: dict | None = None,
                     **backbone_options) -> nn.Module:
     """Segmentation model ``name`` on a Swin ``backbone`` tuned by ``tuning`` (as ``build_detector`` for
     detectors). ``options`` go to the model's constructor (e.g. ``channels``); names are checked first."""
-    import inspect
-
     from detectors.backbones import build_swin
-    from detectors.errors import UserInputError
     from detectors.tuning import build_tuning
-    if name not in SEGMENTERS:
-        raise UserInputError(f"unknown segmentation model {name!r}; choose one of {', '.join(SEGMENTERS)}")
-    accepted = set(inspect.signature(SEGMENTERS[name]).parameters) - {"backbone", "num_classes"}
-    unknown = sorted(set(options or {}) - accepted)
-    if unknown:
-        raise UserInputError(f"model.options: {', '.join(unknown)} is not an option of {name} "
-                             f"(it takes {', '.join(sorted(accepted))})")
+    check_segmenter(name, options or {})
     method = build_tuning(tuning, **(hyperparameters or {}))
     tuned = method.apply(build_swin(backbone, weights=weights, **backbone_options))
     return SEGMENTERS[name](tuned, num_classes, **(options or {}))
