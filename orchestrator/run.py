@@ -28,11 +28,11 @@ from orchestrator.pretrain import checkpoint_for_workers, resolve_upstream
 from orchestrator.storage import Storage
 from orchestrator.tracking import (Tracker, default_uri, describe_run, experiment_id, log_dataset, metrics_callback,
                                    open_client, system_metrics_monitor, warn_unreachable)
+from orchestrator.train_loop import config_identity, train_loop_per_worker
 
 
 class RunFailedError(RuntimeError):
     """Training failed for a reason that is not the user's input; its message is one line."""
-from orchestrator.train_loop import config_identity, dataset_paths, train_loop_per_worker
 
 
 def preflight(cfg: ExperimentConfig) -> None:
@@ -146,7 +146,7 @@ def start_mlflow_run(cfg: ExperimentConfig, uri: str, *, parent_run_id: str | No
         run = client.create_run(experiment_id(client, cfg.tracking.experiment, uri), run_name=name, tags=tags)
         for key, value in {**_params(cfg), **(extra_params or {})}.items():
             client.log_param(run.info.run_id, key, value)
-        log_dataset(client, run.info.run_id, cfg, dataset_paths(cfg))
+        log_dataset(client, run.info.run_id, cfg, cfg.task.dataset_paths(cfg))
         storage.write_text(storage.path(MLFLOW_RUN_FILE), run.info.run_id)
         return client, run.info.run_id
     except UserInputError:

@@ -35,18 +35,9 @@ from orchestrator.config import ExperimentConfig
 from orchestrator.gpu_kinds import CPU, kind_from_name, kind_from_resources
 
 
-def dataset_paths(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Where the data is; the synthetic dataset is written (once, atomically) on first use."""
-    return cfg.task.dataset_paths(cfg)
-
-
 def build_datasets(cfg: ExperimentConfig):
     """The training and validation datasets of the experiment's task."""
     return cfg.task.build_datasets(cfg)
-
-
-def build_val_dataset(cfg: ExperimentConfig, paths: dict[str, Any] | None = None):
-    return cfg.task.build_val_dataset(cfg, paths)
 
 
 def build_model(cfg: ExperimentConfig, num_classes: int):
