@@ -13,9 +13,9 @@ from typing import Any
 
 from torch import nn
 
-from detectors.backbones import SWIN_SPECS, build_swin
+from detectors.backbones import SWIN_SPECS
 from detectors.errors import UserInputError
-from detectors.tuning import TUNING_METHODS, build_tuning, variant_table
+from detectors.tuning import TUNING_METHODS, build_tuned_swin, variant_table
 
 __all__ = ["build_backbone", "SWIN_SPECS", "TUNING_METHODS", "UserInputError", "variant_table"]
 
@@ -28,5 +28,4 @@ def build_backbone(name: str, tuning: str = "full", weights: str | Path | None =
     its defaults (``rank=16``). The result maps images (B, 3, H, W) to ``{res2..res5}`` NCHW maps
     and has ``out_channels``, ``strides`` and ``size_divisibility``.
     """
-    method = build_tuning(tuning, **hyperparameters)  # validate before building anything big
-    return method.apply(build_swin(name, weights=weights, drop_path_rate=drop_path_rate))
+    return build_tuned_swin(name, tuning, hyperparameters, weights=weights, drop_path_rate=drop_path_rate)

@@ -37,8 +37,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from detectors.backbones import build_swin
-from detectors.tuning import build_tuning
+from detectors.tuning import build_tuned_swin
 
 @dataclasses.dataclass
 class BenchResult:
@@ -82,7 +81,7 @@ class _Subject:
 def _backbone_subject(method: str, backbone: str, images: torch.Tensor, backbone_kwargs: dict,
                       hyperparameters: dict | None = None) -> _Subject:
     torch.manual_seed(0)
-    model = build_tuning(method, **(hyperparameters or {})).apply(build_swin(backbone, **backbone_kwargs))
+    model = build_tuned_swin(backbone, method, hyperparameters, **backbone_kwargs)
     model = model.to(images.device)
     with torch.no_grad():
         shapes = [f.shape for f in model(images).values()]
@@ -124,7 +123,7 @@ def _segmentation_subject(method: str, detector: str, backbone: str, images: tor
     from detectors.segmentation.upernet import SEGMENTERS
     torch.manual_seed(0)
     classes = num_classes or ADE20K_CLASSES
-    tuned = build_tuning(method, **(hyperparameters or {})).apply(build_swin(backbone, **backbone_kwargs))
+    tuned = build_tuned_swin(backbone, method, hyperparameters, **backbone_kwargs)
     model = SEGMENTERS[detector](tuned, classes, **(detector_options or {})).to(images.device).train()
     if images.shape[0] == 1:  # the planner's batch-1 point: BatchNorm cannot take batch statistics of one
         for module in model.modules():  # 1x1 map; with running ones it saves the same tensors for backward

@@ -25,7 +25,13 @@ from torch import nn
 
 from detectors.backbones.swin import SwinBackbone
 
-INITS = ("kaiming", "zero_up")
+#: How the adapter factors start. ``linear`` (the default): each factor as PyTorch initialises an
+#: ``nn.Linear`` of its shape, per branch, as the authors' public low-rank code (DongshuoYin/CoLin) does;
+#: the product of two such factors is small, so the highway starts next to the backbone. ``kaiming``: the
+#: paper's words ("Kaiming Norm") read literally, Kaiming-normal factors, whose products make each
+#: adapter's output several times its input. ``zero_up``: ``linear`` with the up projections at zero,
+#: so the highway starts exactly on the backbone.
+INITS = ("linear", "kaiming", "zero_up")
 
 
 def _adapter_hidden(x: torch.Tensor, down_t, down_s, down_bias, z: torch.Tensor | None = None):
@@ -191,10 +197,15 @@ def merge_frozen(merge: nn.Module, e: torch.Tensor) -> torch.Tensor:
     return _FrozenMergeFn.apply(e, merge.norm.weight, merge.norm.bias, merge.reduction.weight)
 
 
+def _as_linear_weight(weight: torch.Tensor) -> None:
+    """Uniform in +-1/sqrt(fan_in), in place: ``nn.Linear``'s own weight initialisation."""
+    nn.init.kaiming_uniform_(weight, a=5 ** 0.5)
+
+
 class DualLowRankAdapter(nn.Module):
     """The E3VA adapter without its skip: U(GELU(D(x))), D: C -> C/2, U: C/2 -> C."""
 
-    def __init__(self, dim: int, rank: int, init: str = "kaiming"):
+    def __init__(self, dim: int, rank: int, init: str = "linear"):
         super().__init__()
         hidden = dim // 2
         self.rank = rank
@@ -207,13 +218,14 @@ class DualLowRankAdapter(nn.Module):
         self.reset_parameters(init)
 
     @torch.no_grad()
-    def reset_parameters(self, init: str = "kaiming") -> None:
-        """Kaiming-normal factors, per branch (the paper); ``zero_up`` starts U at zero."""
-        for t in (self.down_t, self.up_t):
-            nn.init.kaiming_normal_(t)
-        for s in (self.down_s, self.up_s):
-            for branch in s.split(self.rank, dim=1):
-                nn.init.kaiming_normal_(branch)
+    def reset_parameters(self, init: str = "linear") -> None:
+        """Every factor of every branch as ``init`` says (see ``INITS``); biases start at zero."""
+        if init not in INITS:
+            raise ValueError(f"unknown adapter init {init!r}; choose one of {', '.join(INITS)}")
+        draw = nn.init.kaiming_normal_ if init == "kaiming" else _as_linear_weight
+        for t, s in ((self.down_t, self.down_s), (self.up_t, self.up_s)):  # t: (2r, in), s: (out, 2r)
+            for branch in (*t.split(self.rank, dim=0), *s.split(self.rank, dim=1)):
+                draw(branch)
         if init == "zero_up":
             self.up_s.zero_()
 
@@ -230,7 +242,7 @@ class DualLowRankAdapter(nn.Module):
 class HighwayBlock(nn.Module):
     """The two parallel adapters that follow one Swin block on the highway."""
 
-    def __init__(self, dim: int, rank: int, init: str = "kaiming"):
+    def __init__(self, dim: int, rank: int, init: str = "linear"):
         super().__init__()
         self.attn = DualLowRankAdapter(dim, rank, init)
         self.mlp = DualLowRankAdapter(dim, rank, init)
@@ -259,7 +271,7 @@ def highway_stage(lead: torch.Tensor, steps, lanes: tuple[torch.Tensor, torch.Te
 class HighwayBackbone(nn.Module):
     """A frozen SwinBackbone plus the E3VA highway; same interface as the backbone."""
 
-    def __init__(self, backbone: SwinBackbone, rank: int = 8, init: str = "kaiming"):
+    def __init__(self, backbone: SwinBackbone, rank: int = 8, init: str = "linear"):
         super().__init__()
         self.backbone = backbone
         self.highway = nn.ModuleList(

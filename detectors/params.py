@@ -38,7 +38,7 @@ def count_parameters(backbone: str, method: str, overrides: dict[str, Any] | Non
     name, cfg = resolve_method(method, overrides)
     with torch.device("meta"):
         plain_total = sum(p.numel() for p in build_swin(backbone, **backbone_overrides).parameters())
-        tuned = TUNING_METHODS.get(name)(cfg).apply(build_swin(backbone, **backbone_overrides))
+        tuned = TUNING_METHODS.get(name)(cfg).tune(build_swin(backbone, **backbone_overrides))
     return ParamCount(
         backbone=backbone, method=name, variant=method, hyperparameters=dataclasses.asdict(cfg),
         trainable=sum(p.numel() for p in tuned.parameters() if p.requires_grad),

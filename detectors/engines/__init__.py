@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from detectors.engines import torchvision_engine  # noqa: F401 - registers the engine
-from detectors.backbones import build_swin
 from detectors.engines.base import ENGINES, Detector, Engine
 from detectors.errors import UserInputError
-from detectors.tuning import build_tuning
+from detectors.tuning import build_tuned_swin
 
 DETECTRON2_INSTALL = ("pip install 'setuptools<82' && pip install --no-build-isolation "
                       "'git+https://github.com/facebookresearch/detectron2.git'")
@@ -45,8 +44,7 @@ def build_detector(engine: str, detector: str, num_classes: int, backbone: str =
     spec.check(engine, detector, detector_options or {})
     if num_classes < 1:
         raise UserInputError(f"num_classes must be at least 1, got {num_classes}")
-    method = build_tuning(tuning, **(hyperparameters or {}))
-    tuned = method.apply(build_swin(backbone, weights=weights, **backbone_options))
+    tuned = build_tuned_swin(backbone, tuning, hyperparameters, weights=weights, **backbone_options)
     return spec.build(detector, tuned, num_classes, **(detector_options or {}))
 
 

@@ -114,9 +114,7 @@ def build_segmenter(name: str, num_classes: int, backbone: str = "swin_t", tunin
                     **backbone_options) -> nn.Module:
     """Segmentation model ``name`` on a Swin ``backbone`` tuned by ``tuning`` (as ``build_detector`` for
     detectors). ``options`` go to the model's constructor (e.g. ``channels``); names are checked first."""
-    from detectors.backbones import build_swin
-    from detectors.tuning import build_tuning
+    from detectors.tuning import build_tuned_swin
     check_segmenter(name, options or {})
-    method = build_tuning(tuning, **(hyperparameters or {}))
-    tuned = method.apply(build_swin(backbone, weights=weights, **backbone_options))
+    tuned = build_tuned_swin(backbone, tuning, hyperparameters, weights=weights, **backbone_options)
     return SEGMENTERS[name](tuned, num_classes, **(options or {}))

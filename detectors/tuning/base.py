@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import typing
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
+import torch
 from torch import nn
 
-from detectors.backbones.swin import SwinBackbone, SwinBlock
+from detectors.backbones.swin import SwinBackbone, SwinBlock, build_swin
 from detectors.errors import UserInputError
 from detectors.registry import Registry
 
@@ -41,6 +43,19 @@ class TuningMethod(ABC):
     @abstractmethod
     def apply(self, backbone: SwinBackbone) -> nn.Module:
         """Freeze / inject in place; return the module to use as the backbone."""
+
+    def tune(self, backbone: SwinBackbone) -> nn.Module:
+        """``apply`` on a random stream of the method's own, seeded by one draw from the global one.
+
+        Every method, FIXED included, takes exactly one number from the global generator, so whatever
+        is built after it (an FPN, the heads) draws the same numbers whichever method runs: at one seed,
+        every method's detector starts from the same neck and heads, and the method's own modules
+        still follow the seed.
+        """
+        seed = int(torch.randint(0, 2 ** 62, (), device="cpu"))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.apply(backbone)
 
 
 TUNING_METHODS: Registry[type[TuningMethod]] = Registry("tuning method")
@@ -106,6 +121,17 @@ def build_tuning(name: str, **overrides: Any) -> TuningMethod:
     """``build_tuning("e3va", rank=16)`` or ``build_tuning("lorand++")``."""
     method, cfg = resolve_method(name, overrides)
     return TUNING_METHODS.get(method)(cfg)
+
+
+def build_tuned_swin(name: str, tuning: str = "full", hyperparameters: dict[str, Any] | None = None,
+                     weights: str | Path | None = None, **backbone_options: Any) -> nn.Module:
+    """A Swin ``name`` (pre-trained from ``weights`` if given) tuned by ``tuning`` with ``hyperparameters``.
+
+    The method's name and values are checked before anything large is built; ``backbone_options`` go to
+    ``build_swin`` (``drop_path_rate``, or ``depths``/``embed_dim`` for a tiny test model).
+    """
+    method = build_tuning(tuning, **(hyperparameters or {}))
+    return method.tune(build_swin(name, weights=weights, **backbone_options))
 
 
 def positive(method: str, **values: float) -> None:

@@ -17,8 +17,10 @@ from detectors.tuning.base import TUNING_METHODS, MethodConfig, TuningMethod, fr
 @dataclasses.dataclass(frozen=True)
 class E3vaConfig(MethodConfig):
     rank: int = dataclasses.field(default=8, metadata={"help": "alpha: rank of each low-rank branch"})
-    init: str = dataclasses.field(default="kaiming", metadata={
-        "help": "kaiming: all factors Kaiming-normal (the paper); zero_up: up projections start at zero"})
+    init: str = dataclasses.field(default="linear", metadata={
+        "help": "linear: each factor as nn.Linear initialises it (the authors' low-rank code; starts next to "
+                "the backbone); kaiming: Kaiming-normal factors (the paper's words, read literally); "
+                "zero_up: linear with the up projections at zero (starts exactly on the backbone)"})
 
     def check(self) -> None:
         positive("e3va", rank=self.rank)

@@ -125,3 +125,22 @@ def test_a_dataset_with_more_categories_than_the_head_is_refused(synthetic):
     with pytest.raises(UserInputError, match="category id .* is out of range"):
         check_num_classes(synthetic[0], num_classes=2)
     check_num_classes(synthetic[0], num_classes=3)
+
+
+@pytest.mark.parametrize("detector", ["mask_rcnn", "retinanet"])
+def test_every_method_starts_from_the_same_neck_and_heads_at_one_seed(detector):
+    """Whatever a tuning method draws at random, the FPN and heads built after it are the same at one seed:
+    a gap between methods is the method's, not the heads' initialisation."""
+    def neck_and_heads(method: str) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = build_detector("torchvision", detector, 3, backbone="swin_t", tuning=method, drop_path_rate=0.0,
+                               detector_options=options(detector), **TINY)
+        return {n: t for n, t in model.state_dict().items() if not n.startswith("model.backbone.body.")}
+
+    fixed = neck_and_heads("fixed")
+    assert any(".fpn." in n for n in fixed) and len(fixed) > 20
+    for method in ("e3va", "lorand", "adapter"):
+        other = neck_and_heads(method)
+        assert other.keys() == fixed.keys()
+        differing = [n for n in fixed if not torch.equal(other[n], fixed[n])]
+        assert not differing, f"{method}: {len(differing)} neck/head tensors differ from fixed's, e.g. {differing[0]}"
