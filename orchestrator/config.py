@@ -33,8 +33,9 @@ class SyntheticData(_Strict):
     image_size: tuple[int, int] = (128, 160)
     num_classes: int = Field(3, ge=1, le=5)
     seed: int = 0
-    colours: Literal["by_class", "random"] = Field("by_class", description="by_class: each class its own colour; "
-                                                   "random: any colour, so only the shape tells the class")
+    colours: Literal["by_class", "random", "shifted"] = Field(
+        "by_class", description="by_class: each class its own colour; random: any colour, so only the shape tells "
+                                "the class; shifted: speckled greys the upstream task never shows, shape only")
 
     @model_validator(mode="after")
     def _root_names_fields(self) -> "SyntheticData":

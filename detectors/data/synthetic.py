@@ -31,7 +31,7 @@ _SIZE_RANGES = ((10, 30), (36, 90), (100, 180))
 _SIZE_PROBS = (0.35, 0.4, 0.25)
 _RLE_PROB = 0.25  # polygonal shapes stored as RLE anyway, so both formats appear for any classes
 _GENERATOR_VERSION = 1  # bump when the drawing changes, so stale datasets are regenerated
-COLOUR_MODES = ("by_class", "random")
+COLOUR_MODES = ("by_class", "random", "shifted")
 _IMAGE_NAME = re.compile(r"^\d{6}\.png$")
 
 
@@ -47,7 +47,9 @@ def make_synthetic_coco(
     """Write (or reuse) the dataset under ``out_dir`` and return its paths and class names.
 
     ``colours``: ``by_class`` paints each class its own colour (colour alone tells the class);
-    ``random`` paints every object a random colour, so only its shape does.
+    ``random`` paints every object a random colour, so only its shape does; ``shifted`` paints every
+    object a speckled dark or light grey, a look the upstream pre-training (``detectors.upstream``:
+    saturated colour families, solid/stripes/checker/dots) never shows, and again only the shape tells.
 
     A manifest of the parameters is written last; a later call with the same parameters finds it
     and returns at once, while an interrupted call leaves no manifest and is redone.
@@ -151,13 +153,25 @@ def _draw_image(rng: np.random.Generator, height: int, width: int, num_classes: 
         if not mask.any():
             continue
         placed.append(box)
-        pixels[mask] = _COLOURS[class_index] if colours == "by_class" else rng.integers(0, 256, size=3)
+        pixels[mask] = _paint(rng, colours, class_index, int(mask.sum()))
         if polygon is not None and rng.random() >= _RLE_PROB:
             segmentation: Any = [polygon]
         else:
             segmentation = {"size": [height, width], "counts": rle["counts"].decode("ascii")}
         objects.append((class_index + 1, segmentation, rle))
     return pixels, objects
+
+
+def _paint(rng: np.random.Generator, colours: str, class_index: int, count: int) -> np.ndarray:
+    """The pixels of one object: its class's colour, a random colour, or a speckled grey (``shifted``)."""
+    if colours == "by_class":
+        return np.array(_COLOURS[class_index], dtype=np.uint8)
+    if colours == "random":
+        return rng.integers(0, 256, size=3)
+    # Dark or light, so it stands out from the mid-grey background; barely tinted; per-pixel speckle.
+    level = rng.uniform(15, 60) if rng.random() < 0.5 else rng.uniform(190, 240)
+    speckle = rng.choice(np.array([-35.0, 0.0, 35.0]), size=(count, 1))
+    return np.clip(level + rng.uniform(-8, 8, size=3) + speckle, 0, 255).astype(np.uint8)
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:

@@ -83,3 +83,24 @@ def test_interrupted_run_without_manifest_is_redone(tmp_path):
 def test_bad_parameters_name_the_field(tmp_path, kwargs, field):
     with pytest.raises(UserInputError, match=field):
         make_synthetic_coco(tmp_path, **kwargs)
+
+
+def test_shifted_objects_are_speckled_greys_whose_look_does_not_tell_the_class(tmp_path):
+    """The transfer benchmark's shifted downstream: no saturated colour (the upstream's colour families),
+    dark and light greys in every class, so only the shape tells the class."""
+    import numpy as np
+    from PIL import Image
+    paths = make_synthetic_coco(tmp_path, num_train=24, num_val=1, image_size=(128, 160), num_classes=3,
+                                colours="shifted")
+    coco = COCO(paths["train_json"])
+    levels: dict[int, list[float]] = {}
+    for annotation in coco.loadAnns(coco.getAnnIds()):
+        image = coco.loadImgs(annotation["image_id"])[0]
+        pixels = np.asarray(Image.open(Path(paths["train_images"]) / image["file_name"]), dtype=np.float32)
+        inside = pixels[coco.annToMask(annotation).astype(bool)]
+        assert np.ptp(inside.mean(0)) < 20, "tinted, not grey"
+        assert inside.std(0).mean() > 15, "no speckle"
+        levels.setdefault(annotation["category_id"], []).append(float(inside.mean()))
+    assert set(levels) == {1, 2, 3}
+    for category, means in levels.items():
+        assert min(means) < 90 and max(means) > 170, (category, means)
