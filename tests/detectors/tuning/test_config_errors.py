@@ -95,7 +95,7 @@ def test_bad_tuning_is_reported_before_any_backbone_is_built():
 
 
 @pytest.mark.parametrize(("name", "method", "expected"), [
-    ("e3va", "e3va", {"rank": 8, "init": "kaiming"}),
+    ("e3va", "e3va", {"rank": 8, "init": "linear"}),
     ("e3va+", "e3va", {"rank": 16}),
     ("e3va++", "e3va", {"rank": 32}),
     ("lorand", "lorand", {"branches": 2, "kernel": 8}),

@@ -44,7 +44,7 @@ def _expected_trainable(name: str, model: nn.Module) -> set[str]:
                 for p, _ in module.named_parameters(recurse=False)}
     if family == "partial-1":
         return {n for n in names if n.startswith("layers.3.blocks.0.")}
-    if family in ("adapter", "lora", "adaptformer", "lorand"):
+    if family in ("adapter", "lora", "adaptformer", "lorand", "mona"):
         return {n for n in names if "_tuner." in n}
     if family == "e3va":
         return {n for n in names if n.startswith("highway.") or re.match(r"backbone\.norm[0-3]\.", n)}
@@ -53,7 +53,7 @@ def _expected_trainable(name: str, model: nn.Module) -> set[str]:
 
 def test_every_method_has_a_test_expectation_and_variants_exist():
     assert {"full", "fixed", "bitfit", "norm", "partial-1", "adapter", "lora", "adaptformer", "lorand",
-            "e3va"} == {_family(n) for n in NAMES}
+            "mona", "e3va"} == {_family(n) for n in NAMES}
     assert {"e3va+", "e3va++", "lorand+", "lorand++"} <= set(NAMES)
 
 
@@ -77,7 +77,7 @@ def test_only_the_expected_parameters_train(name):
     assert trainable == expected
     if _family(name) != "fixed":
         assert expected, "a method that trains something must train at least one parameter"
-    if _family(name) in ("adapter", "lora", "adaptformer", "lorand", "e3va"):
+    if _family(name) in ("adapter", "lora", "adaptformer", "lorand", "mona", "e3va"):
         # The injected or highway parameters are new: the plain backbone has none of them.
         plain_names = {n for n, _ in _plain().named_parameters()}
         stripped = {n.removeprefix("backbone.") for n in trainable if not re.search(r"norm[0-3]\.", n)}
@@ -155,7 +155,7 @@ def test_e3va_zero_up_starts_exactly_on_the_pretrained_one():
         torch.testing.assert_close(actual[key], expected[key], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["adapter", "lora", "adaptformer", "lorand", "e3va"])
+@pytest.mark.parametrize("name", ["adapter", "lora", "adaptformer", "lorand", "mona", "e3va"])
 def test_tuners_are_not_a_no_op_once_their_zero_factor_moves(name):
     """The init test above would also pass if the tuners were never called."""
     hparams = {"init": "zero_up"} if name == "e3va" else {}
