@@ -138,11 +138,36 @@ class SweepConfig(_Strict):
     route: dict[str, str] = Field({}, description="GPU kind per tuning method, e.g. {e3va: 1080ti, full: v100}: "
                                                   "sets each trial's scaling.gpu_kind by its method")
 
+    by_method: dict[str, dict[str, Any]] = Field({}, description="experiment fields per tuning method, e.g. "
+                                                                 "{full: {schedule.lr: 1.0e-4}}: set on each trial "
+                                                                 "of that method, after the space's values")
+
     @field_validator("route")
     @classmethod
     def _known_kinds(cls, value: dict[str, str]) -> dict[str, str]:
         from orchestrator.gpu_kinds import check_kind
         return {method: check_kind(kind, f"route.{method}") for method, kind in value.items()}
+
+    @field_validator("by_method")
+    @classmethod
+    def _known_methods(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from detectors.tuning import variant_table
+        flat = {}
+        for method, fields in value.items():
+            if method not in variant_table():
+                raise ValueError(f"{method}: not a tuning method; choose from {', '.join(variant_table())}")
+            flat[method] = _flatten_values(fields)
+            for key in flat[method]:
+                if key.split(".")[0] in RESERVED:
+                    raise ValueError(f"{method}.{key}: set by the sweep for each trial; it cannot be given")
+        return flat
+
+    def per_method(self) -> dict[str, dict[str, Any]]:
+        """What each method's trials set beyond the space: ``by_method``, and ``route``'s GPU kinds."""
+        merged = {method: dict(fields) for method, fields in self.by_method.items()}
+        for method, kind in self.route.items():
+            merged.setdefault(method, {})["scaling.gpu_kind"] = kind
+        return merged
 
     @field_validator("name")
     @classmethod
@@ -224,7 +249,8 @@ class Sweep:
 
     def trial_config(self, values: dict[str, Any], name: str) -> ExperimentConfig:
         return ExperimentConfig.model_validate(trial_raw(self.base_raw, values, name, self.dir / "trials",
-                                                         self.tracking_uri, self.cfg.route, self.trials_storage))
+                                                         self.tracking_uri, self.cfg.per_method(),
+                                                         self.trials_storage))
 
 
 def _default_uri(base: ExperimentConfig) -> str:
@@ -247,13 +273,15 @@ def set_path(raw: dict[str, Any], path: str, value: Any) -> None:
 
 
 def trial_raw(base_raw: dict[str, Any], values: dict[str, Any], name: str, output_dir: Path,
-              tracking_uri: str, route: dict[str, str] | None = None, storage: str | None = None) -> dict[str, Any]:
+              tracking_uri: str, per_method: dict[str, dict[str, Any]] | None = None,
+              storage: str | None = None) -> dict[str, Any]:
+    """The trial's experiment: the base, the trial's values, then what its tuning method sets (``per_method``)."""
     raw = copy.deepcopy(base_raw)
     for path, value in values.items():
         set_path(raw, path, value)
     method = raw.get("tuning", {}).get("method", "e3va")
-    if route and method in route:
-        set_path(raw, "scaling.gpu_kind", route[method])
+    for path, value in (per_method or {}).get(method, {}).items():
+        set_path(raw, path, value)
     raw["name"] = name
     raw["output_dir"] = str(output_dir)
     raw.setdefault("tracking", {}).update(uri=tracking_uri, run_name=name)
@@ -487,7 +515,7 @@ def _run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     tune_context = ray.tune.get_context()
     config = trial_values(config)
     raw = trial_raw(context["base_raw"], config, tune_context.get_trial_name(), Path(context["trials_dir"]),
-                    context["tracking_uri"], context["route"], context["trials_storage"])
+                    context["tracking_uri"], context["per_method"], context["trials_storage"])
     cfg = ExperimentConfig.model_validate(raw)
     finished = _finished_before(cfg)
     if finished is not None:
@@ -509,7 +537,8 @@ def _driver_on_head() -> bool:
 def _trainable(sweep: Sweep, parent_run_id: str | None):
     from ray import tune
     context = {"base_raw": sweep.base_raw, "trials_dir": str(sweep.dir / "trials"), "sweep": sweep.name,
-               "tracking_uri": sweep.tracking_uri, "parent_run_id": parent_run_id, "route": sweep.cfg.route,
+               "tracking_uri": sweep.tracking_uri, "parent_run_id": parent_run_id,
+               "per_method": sweep.cfg.per_method(),
                "trials_storage": sweep.trials_storage}
     # the trial drivers run beside this one, where the tracking store and the output dir are
     resources = {**TRIAL_DRIVER_RESOURCES, **({HEAD_NODE: 0.001} if _driver_on_head() else {})}
@@ -562,6 +591,7 @@ def _scheduler(sweep: Sweep):
 
 def _fingerprint(sweep: Sweep) -> dict[str, Any]:
     return {"base": sweep.base_raw, "route": sweep.cfg.route,
+            **({"by_method": sweep.cfg.by_method} if sweep.cfg.by_method else {}),
             "space": {k: v.model_dump(exclude_none=True) for k, v in sweep.cfg.space.items()},
             **({"include": sweep.cfg.include} if sweep.cfg.include else {}),
             "num_samples": sweep.cfg.num_samples,

@@ -146,6 +146,23 @@ def test_a_method_sweep_with_another_methods_hyperparameters_says_to_clear_them(
         load_sweep(path)
 
 
+def test_by_method_sets_fields_on_that_methods_trials_only(tmp_path, capsys):
+    path = write_sweep(tmp_path, overrides={"tracking.experiment": "sweep-test", "tuning.hyperparameters": {}},
+                       space={"tuning.method": {"grid": ["e3va", "full"]}},
+                       by_method={"full": {"schedule": {"lr": 5.0e-5}, "schedule.clip_grad_norm": 0.5}})
+    sweep = load_sweep(path)
+    lrs = {c.tuning.method: (c.schedule.lr, c.schedule.clip_grad_norm) for c in sweep.configs}
+    assert lrs["full"] == (5.0e-5, 0.5) and lrs["e3va"] == (sweep.base.schedule.lr, sweep.base.schedule.clip_grad_norm)
+    path = write_sweep(tmp_path, by_method={"fulll": {"schedule.lr": 1.0e-4}})
+    assert main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "by_method: fulll: not a tuning method" in err, err
+    path = write_sweep(tmp_path, overrides={"tuning.hyperparameters": {}}, space={"tuning.method": {"grid": ["full"]}},
+                       by_method={"full": {"schedule.lrr": 1}})
+    assert main(["sweep", str(path)]) == 2
+    assert "schedule.lrr" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("override, message", [
     ("scaling.workers=3", "a trial needs 3 workers x 1 CPU = 3 CPU (scaling.workers, scaling.cpus_per_worker) "
                           "but this Ray cluster has 2"),
