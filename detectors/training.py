@@ -101,8 +101,16 @@ def evaluate(detector, dataset: CocoDetection, device: torch.device | str = "cpu
 
 
 def evaluate_shards(dataset: CocoDetection, states: Sequence[dict]) -> dict[str, float]:
-    """COCO AP over the predictions of every shard (``CocoEvaluator.get_state()`` of each rank), once."""
+    """COCO AP over the predictions of every shard (``CocoEvaluator.get_state()`` of each rank), once.
+
+    The shards must cover the split: COCO scores only the images it was given predictions for, so a
+    lost shard would silently score a smaller split.
+    """
     evaluator = CocoEvaluator(dataset.coco, dataset.label_to_cat_id)
     for state in states:
         evaluator.merge_state(state)
+    missing = set(dataset.ids) - evaluator.image_ids
+    if missing:
+        raise ValueError(f"images {sorted(missing)[:5]} of {len(dataset.ids)} were predicted by no shard; "
+                         f"the shards must cover the split")
     return evaluator.evaluate()
