@@ -84,7 +84,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from orchestrator.compare import compare_runs
     compare_runs(args.tracking_uri, experiment=args.experiment, parent_run_id=args.parent, out=args.out,
-                 heatmap=args.heatmap)
+                 heatmap=args.heatmap, against=args.against)
     return 0
 
 
@@ -231,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--tracking-uri", default=None,
                          help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///outputs/mlflow.db)")
     compare.add_argument("--out", default=None, metavar="DIR", help="where the PNGs go (default outputs/compare)")
+    compare.add_argument("--against", default=None, metavar="METHOD",
+                         help="compare each setting's rows with this method's runs instead of full's (e.g. fixed)")
     compare.add_argument("--heatmap", default=None, metavar="P1,P2",
                          help="the two swept params of the heat map (default: the first two that vary)")
     compare.set_defaults(func=_cmd_compare)

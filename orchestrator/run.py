@@ -97,8 +97,8 @@ def _params(cfg: ExperimentConfig) -> dict[str, Any]:
             **({"batch_total": sum(cfg.batch_sizes())} if cfg.batch_sizes() else {}), "lr": cfg.schedule.lr,
             "gpu_kind": cfg.scaling.gpu_kind or ("any gpu" if cfg.scaling.use_gpu else "cpu"),
             "trainable_params": count.trainable, "trainable_percent": round(count.percent, 4),
-            "backbone_init": backbone_init(cfg), **({"train_images": cfg.data.synthetic.num_train}
-                                                   if cfg.data.synthetic is not None else {})}
+            "backbone_init": backbone_init(cfg), "seed": cfg.seed,
+            **({"train_images": cfg.data.synthetic.num_train} if cfg.data.synthetic is not None else {})}
 
 
 def backbone_init(cfg: ExperimentConfig) -> str:

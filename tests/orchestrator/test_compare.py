@@ -1,4 +1,7 @@
 """``compare`` on a hand-made MLflow store: the papers' table, its ratios to full, both figures."""
+import json
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -33,7 +36,7 @@ def store(tmp_path_factory):
     methods = experiment_id(client, "methods", uri)
     add_run(client, methods, "full", method_params("full", "full", 1000, 100.0),
             {"peak_memory_mb": 2000, "seconds_per_iteration": 1.0, "val_bbox_AP": 40.0, "val_segm_AP": 35.0})
-    add_run(client, methods, "e3va", method_params("e3va", "e3va", 20, 2.0, rank=8, init="kaiming"),
+    add_run(client, methods, "e3va", method_params("e3va", "e3va", 20, 2.0, rank=8, init="linear"),
             {"peak_memory_mb": 1000, "seconds_per_iteration": 0.5, "val_bbox_AP": 39.0, "val_segm_AP": 34.5})
     grid = experiment_id(client, "grid", uri)
     parent = client.create_run(grid, run_name="lorand-grid", tags={"sweep.parent": "true"}).info.run_id
@@ -53,7 +56,23 @@ def store(tmp_path_factory):
                      "tuning.method": method, "data.synthetic.num_train": images},
                     {"peak_memory_mb": memory, "seconds_per_iteration": 1.0, "val_bbox_AP": ap,
                      "val_bbox_AP50": 2 * ap})
+    seeds = experiment_id(client, "seeds", uri)
+    for (method, init), (aps, memories) in SEEDED.items():
+        for seed, (ap, memory) in enumerate(zip(aps, memories)):
+            add_run(client, seeds, f"s-{method}-{init}-{seed}",
+                    {**method_params(method, method, 10, 1.0), "seed": seed,
+                     "backbone_init": "upstream 300 steps s0" if init == "upstream" else f"random s{seed}"},
+                    {"peak_memory_mb": memory, "seconds_per_iteration": 1.0, "val_bbox_AP": ap,
+                     "val_bbox_AP50": 2 * ap})
     return uri, parent
+
+
+# Three seeds of each (method, backbone start): box AP and training memory per seed; AP50 is twice the AP.
+SEEDED = {("full", "upstream"): ((40.0, 42.0, 44.0), (2000, 2000, 2000)),
+          ("e3va", "upstream"): ((50.0, 51.0, 52.0), (1000, 1100, 1200)),   # clearly above full
+          ("fixed", "upstream"): ((30.0, 50.0, 55.0), (900, 900, 900)),     # above full on average, but noisy
+          ("full", "random"): ((10.0, 12.0, 14.0), (2000, 2000, 2000)),
+          ("e3va", "random"): ((8.0, 9.0, 10.0), (1000, 1000, 1000))}      # clearly below full
 
 
 def test_runs_in_several_settings_are_compared_with_the_full_run_of_their_own(store, tmp_path, capsys):
@@ -124,3 +143,78 @@ def test_bad_requests_fail_in_one_line(store, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: ") and message in err, (args, err)
     assert not Path(f"{tmp_path}/missing.db").exists()
+
+
+def cells_by_run(text: str, prefix: str) -> dict[str, list[str]]:
+    """The table's rows whose run column starts with ``prefix``, split into cells (two spaces or more apart)."""
+    rows = [re.split(r"\s{2,}", line.strip()) for line in text.splitlines() if line.startswith(prefix)]
+    return {cells[0]: cells for cells in rows}
+
+
+def test_runs_differing_only_by_their_seed_are_one_row_of_mean_and_std_with_a_mark_beyond_two_standard_errors(
+        store, tmp_path, capsys):
+    uri, _ = store
+    out_dir = tmp_path / "o"
+    assert main(["compare", "--experiment", "seeds", "--tracking-uri", uri, "--out", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    header = re.split(r"\s{2,}", next(line for line in out.splitlines() if line.startswith("run ")).strip())
+    assert header[:5] == ["run", "setting", "method", "variant", "n"]
+    rows = cells_by_run(out, "s-")
+    assert len(rows) == 5  # 15 runs: 5 (method, backbone start) x 3 seeds
+    column = {name: header.index(name) for name in ("setting", "n", "AP box", "AP50", "peak mem (MB)", "vs full")}
+    delta = header.index("delta")
+    full = rows["s-full-upstream-0 +2"]
+    # by hand: mean (40 + 42 + 44) / 3 = 42; sample std sqrt((2² + 0² + 2²) / (3 - 1)) = 2; AP50 twice both
+    assert [full[column["n"]], full[column["AP box"]], full[column["AP50"]]] == ["3", "42.0 ± 2.0", "84.0 ± 4.0"]
+    assert full[delta] == "+0.0"
+    e3va = rows["s-e3va-upstream-0 +2"]
+    # mean 51, std 1; memory (1000 + 1100 + 1200) / 3 = 1100, 55% of full's 2000
+    assert [e3va[column["AP box"]], e3va[column["peak mem (MB)"]], e3va[column["vs full"]]] == \
+        ["51.0 ± 1.0", "1100", "55%"]
+    # 51 - 42 = 9 > 2 * sqrt(2²/3 + 1²/3) = 2.58: marked
+    assert e3va[delta] == "+9.0*"
+    fixed = rows["s-fixed-upstream-0 +2"]
+    # mean 45, std sqrt((15² + 5² + 10²) / 2) = 13.2; 45 - 42 = 3 < 2 * sqrt(2²/3 + 175/3) = 15.4: not marked
+    assert [fixed[column["AP box"]], fixed[delta]] == ["45.0 ± 13.2", "+3.0"]
+    # the random starts (random s0, s1, s2: each the run's own seed) are one setting with its own full
+    random_e3va = rows["s-e3va-random-0 +2"]
+    assert random_e3va[column["setting"]] == "backbone_init=random"
+    assert [random_e3va[column["AP box"]], random_e3va[delta]] == ["9.0 ± 1.0", "-3.0*"]  # 9 - 12, beyond 2.58
+    assert "mean ± sample std" in out and "* beyond two standard errors" in out
+
+    groups = {g["name"]: g for g in json.loads((out_dir / "table.json").read_text())}
+    assert groups["s-e3va-upstream-0 +2"]["figures"]["val_bbox_AP"] == {"mean": 51.0, "std": 1.0, "n": 3}
+    assert groups["s-e3va-upstream-0 +2"]["seeds"] == ["0", "1", "2"]
+    difference = groups["s-e3va-upstream-0 +2"]["differences"]["val_bbox_AP"]
+    assert difference["value"] == 9.0 and math.isclose(difference["se"], math.sqrt(5 / 3))
+    assert difference["significant"]
+    assert not groups["s-fixed-upstream-0 +2"]["differences"]["val_bbox_AP"]["significant"]
+    assert (out_dir / "ap_vs_memory.png").is_file()
+
+
+def test_rows_can_be_compared_with_another_method_than_full(store, tmp_path, capsys):
+    from detectors.errors import UserInputError
+    from orchestrator.compare import compare_runs
+    uri, _ = store
+    made = compare_runs(uri, experiment="seeds", out=tmp_path / "o", against="fixed")
+    header = re.split(r"\s{2,}", next(line for line in made["table"].splitlines() if line.startswith("run ")))
+    assert header.count("vs fixed") == 2 and "vs full" not in header
+    e3va = cells_by_run(made["table"], "s-e3va-upstream")["s-e3va-upstream-0 +2"]
+    # 51 - 45 = 6 < 2 * sqrt(1²/3 + 175/3) = 15.3: not marked; memory 1100 against fixed's 900
+    assert e3va[header.index("delta")] == "+6.0" and e3va[header.index("vs fixed")] == "122%"
+    assert cells_by_run(made["table"], "s-e3va-random")["s-e3va-random-0 +2"][header.index("delta")] == "-"
+    assert "delta: difference of means to fixed of the same setting" in made["table"]
+    with pytest.raises(UserInputError, match="--against lora: no such run among these"):
+        compare_runs(uri, experiment="seeds", out=tmp_path / "o", against="lora")
+
+
+def test_with_one_seed_per_row_the_table_has_no_spread_and_no_seed_count(store, tmp_path, capsys):
+    uri, _ = store
+    for experiment in ("methods", "transfer"):
+        out_dir = tmp_path / experiment
+        assert main(["compare", "--experiment", experiment, "--tracking-uri", uri, "--out", str(out_dir)]) == 0
+        out = capsys.readouterr().out
+        header = next(line for line in out.splitlines() if line.startswith("run "))
+        assert " n " not in header and "±" not in out and "*" not in out and "standard errors" not in out
+        for group in json.loads((out_dir / "table.json").read_text()):
+            assert group["n"] == 1 and group["figures"]["val_bbox_AP"]["std"] is None

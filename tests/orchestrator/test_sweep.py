@@ -223,4 +223,4 @@ def test_included_trials_run_beside_the_grid_as_children_named_for_their_fields(
     runs = {r.info.run_name: r for r in children(outcome)}
     assert set(runs) == {"tiny-rank=4", "tiny-rank=8", "tiny-seed=7-rank=4"}, set(runs)
     assert all(r.info.status == "FINISHED" for r in runs.values())
-    assert runs["tiny-seed=7-rank=4"].data.params["seed"] == "7" and "seed" not in runs["tiny-rank=8"].data.params
+    assert runs["tiny-seed=7-rank=4"].data.params["seed"] == "7" and runs["tiny-rank=8"].data.params["seed"] == "0"
