@@ -187,14 +187,18 @@ def test_the_ablation_sweeps_load_and_span_the_papers_grids():
                   for c in lorand.configs) == [(b, k) for b in (2, 4, 6) for k in (4, 8, 16)]
     methods = load_sweep(ablations / "methods.yaml")
     assert [c.tuning.method for c in methods.configs] == ["full", "fixed", "bitfit", "norm", "partial-1", "adapter",
-                                                          "lora", "adaptformer", "lorand", "e3va"]
+                                                          "lora", "adaptformer", "lorand", "mona", "e3va"]
     assert all(c.tuning.hyperparameters == {} for c in methods.configs)
     transfer = load_sweep(ablations / "transfer.yaml")
-    setups = [(c.tuning.method, c.data.synthetic.num_train, c.backbone.upstream is not None) for c in transfer.configs]
-    assert transfer.cfg.num_trials == len(setups) == 24 and len(set(setups)) == 24
-    assert {(m, n) for m, n, pretrained in setups if not pretrained} == {
-        (m, n) for m in ("full", "e3va") for n in (32, 256)}
-    assert {m for m, _, pretrained in setups if pretrained} == set(methods.cfg.space["tuning.method"].grid)
+    setups = [(c.tuning.method, c.data.synthetic.num_train, c.backbone.upstream is not None, c.seed)
+              for c in transfer.configs]
+    assert transfer.cfg.num_trials == len(setups) == 78 and len(set(setups)) == 78
+    assert {(m, n, s) for m, n, pretrained, s in setups if not pretrained} == {
+        (m, n, s) for m in ("full", "e3va") for n in (32, 256) for s in (0, 1, 2)}
+    assert {m for m, _, pretrained, _ in setups if pretrained} == set(methods.cfg.space["tuning.method"].grid)
+    assert all(c.data.synthetic.colours == "shifted" for c in transfer.configs)
+    assert {c.tuning.method: c.schedule.lr for c in transfer.configs if c.tuning.method in ("full", "e3va")} == {
+        "full": 1.0e-4, "e3va": 1.0e-3}
     # each data budget in its own folder: trials of both run at once without sharing files
     assert len({c.data.synthetic.folder() for c in transfer.configs}) == 2
 
