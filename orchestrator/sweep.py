@@ -123,6 +123,13 @@ class AshaConfig(_Strict):
         return self.mode or ("max" if self.metric.startswith("val/") else "min")
 
 
+def _refuse_reserved(keys, verb: str, prefix: str = "") -> None:
+    """A field the sweep sets for each trial (``RESERVED``) cannot be searched or given."""
+    for key in keys:
+        if key.split(".")[0] in RESERVED:
+            raise ValueError(f"{prefix}{key}: set by the sweep for each trial; it cannot be {verb}")
+
+
 class SweepConfig(_Strict):
     name: str | None = Field(None, description="default: the sweep file's name")
     base: Path = Field(description="the base experiment YAML, relative to the sweep file")
@@ -157,9 +164,7 @@ class SweepConfig(_Strict):
             if method not in variant_table():
                 raise ValueError(f"{method}: not a tuning method; choose from {', '.join(variant_table())}")
             flat[method] = _flatten_values(fields)
-            for key in flat[method]:
-                if key.split(".")[0] in RESERVED:
-                    raise ValueError(f"{method}.{key}: set by the sweep for each trial; it cannot be given")
+            _refuse_reserved(flat[method], "given", prefix=f"{method}.")
         return flat
 
     def per_method(self) -> dict[str, dict[str, Any]]:
@@ -179,9 +184,7 @@ class SweepConfig(_Strict):
     @field_validator("space")
     @classmethod
     def _not_reserved(cls, value: dict[str, Dimension]) -> dict[str, Dimension]:
-        for key in value:
-            if key.split(".")[0] in RESERVED:
-                raise ValueError(f"{key}: set by the sweep for each trial; it cannot be searched")
+        _refuse_reserved(value, "searched")
         return value
 
     @field_validator("include")
@@ -191,9 +194,7 @@ class SweepConfig(_Strict):
         for entry in flat:
             if not entry:
                 raise ValueError("an included trial is empty")
-            for key in entry:
-                if key.split(".")[0] in RESERVED:
-                    raise ValueError(f"{key}: set by the sweep for each trial; it cannot be given")
+            _refuse_reserved(entry, "given")
         return flat
 
     @model_validator(mode="after")
