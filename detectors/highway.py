@@ -16,8 +16,15 @@ product of the concatenated factors [s_1 s_2] [t_1; t_2]. It is applied as x -> 
 never forming W, inside one autograd function per stage that saves the adapters' inputs (and,
 where they are narrow beside them, the rank-2r products) and recomputes the hidden layers and
 their GELU in backward.
+
+With ``recompute`` the highway keeps each stage's input lane instead of the branch outputs (a_i, m_i)
+and, in backward, runs that stage's frozen blocks again under no_grad, replaying the random numbers
+(drop-path) forward drew: the same gradients, bit for bit, for the memory of about one feature map per
+stage - the trade activation checkpointing makes, on the frozen side only.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -76,57 +83,134 @@ class _HighwayStageFn(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, lead, lane_start, lane_end, *tensors):
         inputs, params = _split_stage_args(tensors)
-        rows = lead.numel() // lead.shape[-1]
         keep = ctx.keep = _keeps_z_and_y(lead.shape[-1], params[0].shape[0])
         ctx.count = len(inputs)
-        ys, zs = [], []
-        for x, (down_t, down_s, down_bias, up_t, _, _) in zip(inputs, _per_adapter(params)):
-            z, pre = _adapter_hidden(x.reshape(rows, -1), down_t, down_s, down_bias)
-            if keep:
-                zs.append(z)
-            ys.append(torch.ops.aten.gelu_(pre) @ up_t.T)  # pre is not needed again in forward
-            del z, pre  # freed before the next adapter allocates its own, so the allocator reuses them
-        y = torch.cat([*ys, ys[0].new_ones(rows, 1)], dim=1)
-        up = _up_matrix(params).T
-        if lane_start is None:
-            out = torch.addmm(lead.reshape(rows, -1), y, up)
-        else:  # in place on one fresh buffer: the same sums, in the same order, as three tensors
-            out = (lead - lane_start).view(rows, -1)
-            out.addmm_(y.to(out.dtype), up.to(out.dtype))  # in-place ops escape autocast's casts
-            out.add_(lane_end.reshape(rows, -1))
+        zs, y = _adapter_products(inputs, params, keep)
         ctx.save_for_backward(*inputs, *params, *((*zs, y) if keep else ()))
-        return out.view(lead.shape)
+        return _stage_output(lead, lane_start, lane_end, y, params)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
         saved, count = ctx.saved_tensors, ctx.count
         inputs, params, kept = saved[:count], saved[count:7 * count], saved[7 * count:]  # kept: z_1 .. z_K, y
-        g_out = grad_out.reshape(-1, grad_out.shape[-1])
-        rank2 = params[0].shape[0]
-        g_y = g_out @ torch.cat(params[4::6], dim=1)     # (rows, K * 2r): every adapter's dL/dy
-        ys, grads = [], []
-        for k, (x, (down_t, down_s, down_bias, up_t, _, _)) in enumerate(zip(inputs, _per_adapter(params))):
-            x_rows = x.reshape(-1, x.shape[-1])
-            z, pre = _adapter_hidden(x_rows, down_t, down_s, down_bias, kept[k] if ctx.keep else None)
-            g_yk = g_y[:, k * rank2:(k + 1) * rank2]
-            # Two (rows x C/2) buffers per adapter: dL/d(act) becomes dL/d(pre) in place, then
-            # pre becomes act in place.
-            g_pre = g_yk @ up_t
-            torch.ops.aten.gelu_backward.grad_input(g_pre, pre, grad_input=g_pre)
-            act = torch.ops.aten.gelu_(pre)
-            if not ctx.keep:
-                ys.append(act @ up_t.T)
-            g_z = g_pre @ down_s
-            grads.append([_rows_t_mm(g_z, x_rows), _rows_t_mm(g_pre, z), g_pre.sum(0), _rows_t_mm(g_yk, act)])
-            del z, pre, act, g_pre, g_z  # freed before the next adapter allocates the same sizes
-        y = kept[-1] if ctx.keep else torch.cat([*ys, ys[0].new_ones(len(g_out), 1)], dim=1)
-        g_up = _rows_t_mm(y, g_out).T                      # (C, K * 2r + 1): every s_u and the bias sum
-        for k, g in enumerate(grads):
-            g += [g_up[:, k * rank2:(k + 1) * rank2], g_up[:, -1]]
-        flat = [g for adapter in grads for g in adapter]
+        grads = _stage_backward(grad_out, inputs, params, kept if ctx.keep else None)
         # The x_k come from the frozen backbone under no_grad: they never need a gradient.
-        return (grad_out, None, None, *([None] * len(inputs)), *(g.to(p.dtype) for g, p in zip(flat, params)))
+        return (grad_out, None, None, *([None] * len(inputs)), *grads)
+
+
+class _RecomputedStageFn(torch.autograd.Function):
+    """``_HighwayStageFn`` for a whole stage that keeps only its input lane: forward runs the stage's
+    frozen blocks itself, one at a time, and returns the highway and the stage's output lane; backward
+    runs them again, with the random state forward started from, for the branch outputs it needs."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, blocks, lead, lane_start, *params):
+        ctx.blocks, ctx.rng = blocks, _rng_state(lane_start.device)
+        lane_end = lane_start
+
+        def branches():
+            nonlocal lane_end
+            for a, m, lane_end in frozen_blocks(blocks, lane_start):
+                yield a
+                yield m
+        _, y = _adapter_products(branches(), params, keep=False)
+        ctx.save_for_backward(lane_start, *params)
+        ctx.mark_non_differentiable(lane_end)
+        return _stage_output(lead, lane_start, lane_end, y, params), lane_end
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_out, _grad_lane_end):
+        lane_start, *params = ctx.saved_tensors
+        with torch.no_grad(), _replaying(ctx.rng, lane_start.device):
+            inputs = (x for a, m, _ in frozen_blocks(ctx.blocks, lane_start) for x in (a, m))
+            grads = _stage_backward(grad_out, inputs, params, None)
+        return (None, grad_out, None, *grads)
+
+
+def _adapter_products(inputs, params, keep: bool):
+    """Per adapter z = x t_d^T, then y = GELU(z s_d^T + b_d) t_u^T (2r wide each), one adapter at a time;
+    returns the z's (where ``keep``, else none) and y = [y_1 ... y_K, 1]."""
+    ys, zs = [], []
+    for x, (down_t, down_s, down_bias, up_t, _, _) in zip(inputs, _per_adapter(params)):
+        z, pre = _adapter_hidden(x.reshape(-1, x.shape[-1]), down_t, down_s, down_bias)
+        if keep:
+            zs.append(z)
+        ys.append(torch.ops.aten.gelu_(pre) @ up_t.T)  # pre is not needed again in forward
+        del x, z, pre  # freed before the next adapter allocates its own, so the allocator reuses them
+    return zs, torch.cat([*ys, ys[0].new_ones(len(ys[0]), 1)], dim=1)
+
+
+def _stage_output(lead, lane_start, lane_end, y, params) -> torch.Tensor:
+    """lead + y [s_u(1) ... b_u]^T, or with the lanes (lead - lane_start) + ... + lane_end."""
+    rows = lead.numel() // lead.shape[-1]
+    up = _up_matrix(params).T
+    if lane_start is None:
+        out = torch.addmm(lead.reshape(rows, -1), y, up)
+    else:  # in place on one fresh buffer: the same sums, in the same order, as three tensors
+        out = (lead - lane_start).view(rows, -1)
+        out.addmm_(y.to(out.dtype), up.to(out.dtype))  # in-place ops escape autocast's casts
+        out.add_(lane_end.reshape(rows, -1))
+    return out.view(lead.shape)
+
+
+def _stage_backward(grad_out, inputs, params, kept):
+    """Every factor's gradient for a stage's adapters, given the incoming gradient G of its output.
+
+    ``inputs`` (the x_k, in order) may be a generator: each is used once, by one adapter at a time.
+    ``kept`` holds z_1 .. z_K and y from forward, or is None (recompute them from the x_k).
+    """
+    g_out = grad_out.reshape(-1, grad_out.shape[-1])
+    rank2 = params[0].shape[0]
+    g_y = g_out @ torch.cat(params[4::6], dim=1)     # (rows, K * 2r): every adapter's dL/dy
+    ys, grads = [], []
+    for k, (x, (down_t, down_s, down_bias, up_t, _, _)) in enumerate(zip(inputs, _per_adapter(params))):
+        x_rows = x.reshape(-1, x.shape[-1])
+        z, pre = _adapter_hidden(x_rows, down_t, down_s, down_bias, kept[k] if kept else None)
+        g_yk = g_y[:, k * rank2:(k + 1) * rank2]
+        # Two (rows x C/2) buffers per adapter: dL/d(act) becomes dL/d(pre) in place, then
+        # pre becomes act in place.
+        g_pre = g_yk @ up_t
+        torch.ops.aten.gelu_backward.grad_input(g_pre, pre, grad_input=g_pre)
+        act = torch.ops.aten.gelu_(pre)
+        if not kept:
+            ys.append(act @ up_t.T)
+        g_z = g_pre @ down_s
+        grads.append([_rows_t_mm(g_z, x_rows), _rows_t_mm(g_pre, z), g_pre.sum(0), _rows_t_mm(g_yk, act)])
+        del x, x_rows, z, pre, act, g_pre, g_z  # freed before the next adapter allocates the same sizes
+    y = kept[-1] if kept else torch.cat([*ys, ys[0].new_ones(len(g_out), 1)], dim=1)
+    g_up = _rows_t_mm(y, g_out).T                      # (C, K * 2r + 1): every s_u and the bias sum
+    for k, g in enumerate(grads):
+        g += [g_up[:, k * rank2:(k + 1) * rank2], g_up[:, -1]]
+    return [g.to(p.dtype) for g, p in zip((g for adapter in grads for g in adapter), params)]
+
+
+def _rng_state(device: torch.device):
+    """The generators drop-path draws from, as they are now."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+@contextmanager
+def _replaying(state, device: torch.device):
+    """Run with the generators at ``state``; afterwards they are as they were before."""
+    cpu, cuda = state
+    with torch.random.fork_rng(devices=[device] if cuda is not None else []):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+        yield
+
+
+def frozen_blocks(blocks, lane: torch.Tensor):
+    """Run frozen Swin blocks from ``lane``: per block, its branch outputs (a, m) and the lane after it."""
+    for block in blocks:
+        a = block.attention_branch(lane).contiguous()  # cropped from the padded map
+        lane = lane + a
+        m = block.mlp_branch(lane)
+        lane = lane + m
+        yield a, m, lane
 
 
 def _keeps_z_and_y(channels: int, rank2: int) -> bool:
@@ -271,9 +355,10 @@ def highway_stage(lead: torch.Tensor, steps, lanes: tuple[torch.Tensor, torch.Te
 class HighwayBackbone(nn.Module):
     """A frozen SwinBackbone plus the E3VA highway; same interface as the backbone."""
 
-    def __init__(self, backbone: SwinBackbone, rank: int = 8, init: str = "linear"):
+    def __init__(self, backbone: SwinBackbone, rank: int = 8, init: str = "linear", recompute: bool = False):
         super().__init__()
         self.backbone = backbone
+        self.recompute = recompute
         self.highway = nn.ModuleList(
             nn.ModuleList(HighwayBlock(dim, rank, init) for _ in stage.blocks)
             for dim, stage in zip(backbone.out_channels, backbone.layers))
@@ -285,6 +370,8 @@ class HighwayBackbone(nn.Module):
     shared_pass = None
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.recompute and torch.is_grad_enabled():
+            return self.recomputing_pass(images)
         frozen = self.shared_pass(images, self.frozen_pass) if self.shared_pass is not None else \
             self.frozen_pass(images)
         return self.highway_pass(frozen)
@@ -302,14 +389,26 @@ class HighwayBackbone(nn.Module):
             if merges:
                 lane = stage.downsample(lane)
             lane_start, branches = lane, []
-            for block in stage.blocks:
-                a = block.attention_branch(lane).contiguous()  # cropped from the padded map
-                lane = lane + a
-                m = block.mlp_branch(lane)
-                lane = lane + m
+            for a, m, lane in frozen_blocks(stage.blocks, lane_start):
                 branches.append((a, m))
             stages.append((merges, lane_start, branches, lane))
         return embedded, stages
+
+    def recomputing_pass(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The frozen and highway passes stage by stage, keeping for backward only each stage's input
+        lane (its blocks run again in backward): no per-task frozen pass to share, so training only."""
+        with torch.no_grad():
+            lane = self.backbone.embed(images)
+        highway, outputs = lane, []
+        for stage, adapters in zip(self.backbone.layers, self.highway):
+            if not isinstance(stage.downsample, nn.Identity):
+                with torch.no_grad():
+                    lane = stage.downsample(lane)
+                highway = merge_frozen(stage.downsample, highway)
+            factors = [p for adapter in adapters for p in adapter.factors()]
+            highway, lane = _RecomputedStageFn.apply(list(stage.blocks), highway, lane, *factors)
+            outputs.append(highway)
+        return self.backbone.finish(outputs)
 
     def highway_pass(self, frozen: tuple[torch.Tensor, list]) -> dict[str, torch.Tensor]:
         # Within a stage the highway is its lead over the backbone, d = e - l: the skips a + m

@@ -15,7 +15,7 @@ from tabulate import tabulate
 
 from detectors.errors import UserInputError
 from detectors.planner import MethodPlan, largest_batch, padded, plan_method, profile_points, profile_sizes
-from detectors.tuning import resolve_method
+from detectors.tuning import memory_savers, resolve_method, variant_table
 from orchestrator.config import ExperimentConfig
 from orchestrator.gpu_kinds import normalise
 
@@ -23,6 +23,8 @@ GIB = 2**30
 # E3VA's Table 4: the GPUs and methods the paper compares
 TABLE4_GPUS = "1080ti=11,p100=16,3090=24,v100=32"
 TABLE4_METHODS = ("full", "bitfit", "adapter", "lora", "e3va")
+# and E3VA with its frozen branches recomputed in backward: the same gradients, less memory
+PLAN_METHODS = (*TABLE4_METHODS, "e3va-recompute")
 
 
 def parse_gpus(text: str) -> dict[str, float]:
@@ -113,15 +115,40 @@ def plan_for(cfg: ExperimentConfig, method: str, hyperparameters: dict, device: 
         num_classes=cfg.task.num_classes(cfg), sizes=sizes, progress=progress)
 
 
-def auto_batch_size(cfg: ExperimentConfig, device: torch.device, memory_bytes: float, reserve_gib: float = 0.5) -> int:
-    """``batch_size: auto``: the largest batch the planner predicts fits this worker's memory."""
-    plan = plan_for(cfg, cfg.tuning.method, cfg.tuning.hyperparameters, device)
+def auto_batch_size(cfg: ExperimentConfig, device: torch.device, memory_bytes: float,
+                    reserve_gib: float = 0.5) -> tuple[int, dict]:
+    """``batch_size: auto``: the largest batch the planner predicts fits this worker's memory, and the
+    hyperparameters switched on to fit it: the method's memory options (E3VA's ``recompute``), only
+    where not one image fits without them and the experiment file does not set them itself."""
+    method, hyperparameters = cfg.tuning.method, cfg.tuning.hyperparameters
+    plan = plan_for(cfg, method, hyperparameters, device)
     batch = largest_batch(plan, memory_bytes, reserve_bytes=reserve_gib * GIB)
-    if batch == 0:
-        raise UserInputError(f"schedule.batch_size: auto: one {training_size(cfg)} image needs "
-                             f"{plan.peak_bytes(1) / GIB:.1f} GiB with {cfg.tuning.method}, more than this worker's "
-                             f"{memory_bytes / GIB:.1f} GiB; try e3va, a smaller data.max_size, or a bigger GPU")
-    return batch
+    if batch:
+        return batch, {}
+    savers = memory_savers(method, hyperparameters)
+    if savers:
+        saving = plan_for(cfg, method, {**hyperparameters, **savers}, device)
+        batch = largest_batch(saving, memory_bytes, reserve_bytes=reserve_gib * GIB)
+        if batch:
+            return batch, savers
+    raise UserInputError(f"schedule.batch_size: auto: one {training_size(cfg)} image needs "
+                         f"{plan.peak_bytes(1) / GIB:.1f} GiB with {method}"
+                         f"{f' ({saving.peak_bytes(1) / GIB:.1f} GiB with {savers})' if savers else ''}, more than "
+                         f"this worker's {memory_bytes / GIB:.1f} GiB; try e3va, a smaller data.max_size, or a "
+                         f"bigger GPU")
+
+
+def _experiment_hyperparameters(cfg: ExperimentConfig, name: str) -> dict:
+    """The file's hyperparameters for its own method and that method's variants (``e3va-recompute`` at
+    the file's rank), less what the variant sets itself; none for other methods."""
+    if name == cfg.tuning.method:
+        return cfg.tuning.hyperparameters
+    resolve_method(name)  # an unknown name fails here, naming itself
+    family, preset = variant_table()[name]
+    if family != resolve_method(cfg.tuning.method, cfg.tuning.hyperparameters)[0]:
+        return {}
+    return {k: v for k, v in {**variant_table()[cfg.tuning.method][1], **cfg.tuning.hyperparameters}.items()
+            if k not in preset}
 
 
 def plan_experiment(cfg: ExperimentConfig, gpus: dict[str, float], methods: Sequence[str] | None = None,
@@ -135,10 +162,10 @@ def plan_experiment(cfg: ExperimentConfig, gpus: dict[str, float], methods: Sequ
     if reserve_gib < 0:
         raise UserInputError("--reserve must not be negative")
     if methods is None:
-        methods = [*TABLE4_METHODS, *([cfg.tuning.method] if cfg.tuning.method not in TABLE4_METHODS else [])]
+        methods = [*PLAN_METHODS, *([cfg.tuning.method] if cfg.tuning.method not in PLAN_METHODS else [])]
     hyperparameters = {}
     for method in methods:  # unknown names and bad hyperparameters fail before anything is profiled
-        hyperparameters[method] = cfg.tuning.hyperparameters if method == cfg.tuning.method else {}
+        hyperparameters[method] = _experiment_hyperparameters(cfg, method)
         resolve_method(method, hyperparameters[method])
     cfg.task.check_model(cfg)
     size = training_size(cfg)

@@ -168,8 +168,11 @@ def metrics_callback(uri: str, run_id: str, logged_through: int = 0):
                 sizes = report["batch_sizes"]
                 for attempt in range(3):  # a sqlite store shared by concurrent trials can be locked a moment
                     try:  # a resumed run has them already, with the same values: no error
+                        # which hyperparameters batch_size: auto switched on (recompute), per rank
+                        switched = [Param("switched_hyperparameters", str(report["switched_hyperparameters"]))] \
+                            if "switched_hyperparameters" in report else []
                         self.tracker.client.log_batch(run_id, params=[Param("batch_sizes", str(sizes)),
-                                                                      Param("batch_total", str(sum(sizes)))])
+                                                                      Param("batch_total", str(sum(sizes))), *switched])
                         break
                     except Exception as exc:  # noqa: BLE001 - tracking must never stop training
                         log.info("batch sizes not logged (try %d): %s", attempt + 1, exc)

@@ -12,7 +12,6 @@ timeout), not in the process group.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import math
 import resource
@@ -29,7 +28,7 @@ from torch.utils.data import DataLoader
 from detectors.data.sampling import ProportionalBatchSampler, rank_loss_weight
 from detectors.errors import UserInputError
 from detectors.training import evaluation_shard, training_step
-from detectors.tuning import resolve_method
+from detectors.tuning import resolve_method, result_hyperparameters
 from orchestrator.checkpointing import backbone_fingerprint, load_checkpoint, save_checkpoint, trained_buffers
 from orchestrator.config import ExperimentConfig
 from orchestrator.gpu_kinds import CPU, kind_from_name, kind_from_resources
@@ -64,11 +63,13 @@ def lr_factor(cfg: ExperimentConfig, iterations_per_epoch: int) -> Callable[[int
     return factor
 
 
-def worker_batch_size(cfg: ExperimentConfig, rank: int, device: torch.device, node_resources: dict) -> int:
-    """This worker's images per step: fixed by the file, looked up by the kind of its GPU, or planned."""
+def worker_batch_size(cfg: ExperimentConfig, rank: int, device: torch.device,
+                      node_resources: dict) -> tuple[int, dict[str, Any]]:
+    """This worker's images per step (fixed by the file, looked up by the kind of its GPU, or planned)
+    and the tuning hyperparameters the planner switched on to fit them (``{}``: none)."""
     fixed = cfg.batch_sizes()
     if fixed is not None:
-        return fixed[rank]
+        return fixed[rank], {}
     by_kind = cfg.schedule.batch_size
     if by_kind == "auto":
         from orchestrator.plan import auto_batch_size
@@ -82,13 +83,22 @@ def worker_batch_size(cfg: ExperimentConfig, rank: int, device: torch.device, no
     if kind is None:
         raise UserInputError(f"schedule.batch_size: worker {rank} runs on {name!r}, a kind with no batch size "
                              f"here (given: {', '.join(by_kind)})")
-    return by_kind[kind]
+    return by_kind[kind], {}
+
+
+def with_hyperparameters(cfg: ExperimentConfig, switched: dict[str, Any]) -> ExperimentConfig:
+    """``cfg`` with ``switched`` added to its tuning hyperparameters."""
+    if not switched:
+        return cfg
+    tuning = cfg.tuning.model_copy(update={"hyperparameters": {**cfg.tuning.hyperparameters, **switched}})
+    return cfg.model_copy(update={"tuning": tuning})
 
 
 def config_identity(cfg: ExperimentConfig) -> dict[str, Any]:
     """What a checkpoint must have been made for, as far as the experiment file says."""
-    method, hparams = resolve_method(cfg.tuning.method, cfg.tuning.hyperparameters)
-    return {"backbone": cfg.backbone.name, "method": method, "hyperparameters": dataclasses.asdict(hparams),
+    method, _ = resolve_method(cfg.tuning.method, cfg.tuning.hyperparameters)
+    hparams = result_hyperparameters(cfg.tuning.method, cfg.tuning.hyperparameters)
+    return {"backbone": cfg.backbone.name, "method": method, "hyperparameters": hparams,
             "detector": cfg.task.model_id(cfg)}
 
 
@@ -224,6 +234,13 @@ def _train(cfg: ExperimentConfig, hooks: _Hooks, fail_at_step: int | None = None
     device = hooks.device() if cfg.device != "cpu" else torch.device("cpu")
     if device.type == "cpu":  # the CPUs this worker reserved, in and out of Ray alike
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    # planning (batch_size: auto) profiles models: before the seed is set for this run's own
+    batch_size, switched = worker_batch_size(cfg, rank, device, hooks.node_resources())
+    if switched:
+        print(f"[rank {rank}] schedule.batch_size: auto: {cfg.tuning.method} fits no image on this worker as "
+              f"written; with {switched}, batch {batch_size}", flush=True)
+        cfg = with_hyperparameters(cfg, switched)
+    batch_sizes, switched_by_rank = hooks.gather(batch_size), hooks.gather(switched)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     task = cfg.task
     train_set, val_set = task.build_datasets(cfg)
@@ -235,7 +252,6 @@ def _train(cfg: ExperimentConfig, hooks: _Hooks, fail_at_step: int | None = None
     # fused: one kernel over all parameters (CPU and CUDA), where the default runs ~10 ops per tensor
     optimizer = torch.optim.AdamW([p for p in detector.parameters() if p.requires_grad],
                                   lr=cfg.schedule.lr, weight_decay=cfg.schedule.weight_decay, fused=True)
-    batch_sizes = hooks.gather(worker_batch_size(cfg, rank, device, hooks.node_resources()))
     sampler = ProportionalBatchSampler(len(train_set), batch_sizes, rank, seed=cfg.seed)
     loss_weight = rank_loss_weight(batch_sizes, rank)
     per_epoch = len(sampler)
@@ -284,6 +300,8 @@ def _train(cfg: ExperimentConfig, hooks: _Hooks, fail_at_step: int | None = None
             metrics["peak_memory_mb"] = peak_memory_mb(device)
             if step == start + 1:  # per-kind sizes are known only now; the driver logs them once
                 metrics["batch_sizes"] = batch_sizes
+                if any(switched_by_rank):
+                    metrics["switched_hyperparameters"] = switched_by_rank
             last = step == total
             evaluate_now = last or (cfg.evaluation.period and step % cfg.evaluation.period == 0)
             checkpoint_now = last or (cfg.checkpoint.period and step % cfg.checkpoint.period == 0)

@@ -3,11 +3,12 @@ import importlib
 import pkgutil
 
 from detectors.tuning.base import (TUNING_METHODS, MethodConfig, TuningMethod, build_tuned_swin, build_tuning,
-                                   hyperparameter_names, resolve_method, variant_table)
+                                   hyperparameter_names, memory_savers, resolve_method, result_hyperparameters,
+                                   variant_table)
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in ("base", "layers"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["TUNING_METHODS", "MethodConfig", "TuningMethod", "build_tuned_swin", "build_tuning", "hyperparameter_names",
-           "resolve_method", "variant_table"]
+           "memory_savers", "resolve_method", "result_hyperparameters", "variant_table"]

@@ -36,6 +36,9 @@ class TuningMethod(ABC):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     # Named presets from the papers, e.g. {"e3va+": {"rank": 16}}.
     variants: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Hyperparameters that trade time for memory and change nothing else (the same gradients), e.g.
+    # {"recompute": True}: what the planner may switch on where the method does not fit otherwise.
+    memory_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg
@@ -107,6 +110,22 @@ def resolve_method(name: str, overrides: dict[str, Any] | None = None) -> tuple[
     cfg = config_cls(**hparams)
     cfg.check()
     return method, cfg
+
+
+def memory_savers(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The method's ``memory_options`` that neither the variant ``name`` nor ``overrides`` already set:
+    what a planner may switch on without overruling the user (empty where there is nothing to switch)."""
+    resolve_method(name, overrides)  # unknown names and bad values fail here, naming themselves
+    method, hparams = variant_table()[name]
+    given = {**hparams, **(overrides or {})}
+    return {k: v for k, v in TUNING_METHODS.get(method).memory_options.items() if k not in given}
+
+
+def result_hyperparameters(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The resolved hyperparameters that decide what the method computes: its ``memory_options`` left
+    out, so a checkpoint trained with recomputation resumes without it, and the other way round."""
+    method, cfg = resolve_method(name, overrides)
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in TUNING_METHODS.get(method).memory_options}
 
 
 def _coerce(method: str, key: str, expected: type, value: Any) -> Any:

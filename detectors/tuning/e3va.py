@@ -21,6 +21,9 @@ class E3vaConfig(MethodConfig):
         "help": "linear: each factor as nn.Linear initialises it (the authors' low-rank code; starts next to "
                 "the backbone); kaiming: Kaiming-normal factors (the paper's words, read literally); "
                 "zero_up: linear with the up projections at zero (starts exactly on the backbone)"})
+    recompute: bool = dataclasses.field(default=False, metadata={
+        "help": "keep each stage's input instead of the frozen branch outputs and run the frozen blocks again "
+                "in backward: the same gradients, near FIXED's memory, one more frozen forward per step"})
 
     def check(self) -> None:
         positive("e3va", rank=self.rank)
@@ -31,10 +34,11 @@ class E3vaConfig(MethodConfig):
 @TUNING_METHODS.register("e3va")
 class E3vaMethod(TuningMethod):
     Config = E3vaConfig
-    variants = {"e3va+": {"rank": 16}, "e3va++": {"rank": 32}}
+    variants = {"e3va+": {"rank": 16}, "e3va++": {"rank": 32}, "e3va-recompute": {"recompute": True}}
+    memory_options = {"recompute": True}
 
     def apply(self, backbone: SwinBackbone) -> nn.Module:
         freeze(backbone)
         for norm in backbone.output_norms:
             unfreeze(norm)
-        return HighwayBackbone(backbone, rank=self.cfg.rank, init=self.cfg.init)
+        return HighwayBackbone(backbone, rank=self.cfg.rank, init=self.cfg.init, recompute=self.cfg.recompute)

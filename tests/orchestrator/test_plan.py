@@ -35,15 +35,30 @@ def test_plan_prints_one_row_per_method_and_batch_with_fit_marks():
 
 @pytest.mark.slow
 def test_plan_json():
-    result = orchestrator("plan", "experiments/tiny.yaml", *TINY, "--methods", "e3va", "--batches", "1",
-                          "--gpus", "v100=32,tiny=0.05", "--profile-sizes", "64x64,96x96", "--json")
+    result = orchestrator("plan", "experiments/tiny.yaml", *TINY, "--methods", "e3va,e3va-recompute", "--batches",
+                          "1", "--gpus", "v100=32,tiny=0.05", "--profile-sizes", "64x64,96x96", "--json")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
-    (row,) = out["rows"]
+    row, recompute = out["rows"]
     assert row["method"] == "e3va" and row["batch"] == 1 and row["fits"] == {"v100": True, "tiny": False}
     assert row["peak_bytes"] == row["static_bytes"] + row["dynamic_bytes"]
     assert out["notes"] == []
     assert out["plans"]["e3va"]["coefficients"] and len(out["plans"]["e3va"]["samples"]) == 3
+    # the same weights, fewer activations: the frozen blocks run again in backward
+    assert recompute["method"] == "e3va-recompute" and recompute["static_bytes"] == row["static_bytes"]
+    assert 0 < recompute["dynamic_bytes"] < row["dynamic_bytes"]
+
+
+def test_the_files_method_and_its_variants_are_planned_with_the_files_hyperparameters():
+    from orchestrator.config import load_experiment
+    from orchestrator.plan import PLAN_METHODS, _experiment_hyperparameters
+    cfg = load_experiment(REPO / "experiments" / "tiny.yaml",
+                          ["tuning.method=e3va+", "tuning.hyperparameters={init: kaiming}"])
+    assert {"e3va", "e3va-recompute"} <= set(PLAN_METHODS)
+    assert _experiment_hyperparameters(cfg, "e3va+") == {"init": "kaiming"}
+    assert _experiment_hyperparameters(cfg, "e3va-recompute") == {"rank": 16, "init": "kaiming"}
+    assert _experiment_hyperparameters(cfg, "e3va++") == {"init": "kaiming"}  # its own rank, 32
+    assert _experiment_hyperparameters(cfg, "lorand") == {}
 
 
 @pytest.mark.slow
@@ -93,11 +108,20 @@ def test_auto_batch_size_is_the_largest_the_planner_fits_in_the_workers_memory()
     overrides = [item for item in TINY if item != "--set"]
     cfg = load_experiment(REPO / "experiments" / "tiny.yaml", overrides)
     cpu = torch.device("cpu")
+    assert cfg.tuning.method == "e3va"
     plan = plan_for(cfg, "e3va", cfg.tuning.hyperparameters, cpu)
     room_for_three = plan.peak_bytes(3) + 0.5 * GIB + (plan.peak_bytes(4) - plan.peak_bytes(3)) / 2
-    assert auto_batch_size(cfg, cpu, room_for_three) == 3
-    with pytest.raises(UserInputError, match="auto: one .* image needs .* GiB with e3va"):
-        auto_batch_size(cfg, cpu, plan.peak_bytes(1) / 2)
+    assert auto_batch_size(cfg, cpu, room_for_three) == (3, {})  # fits as written: no recomputation
+    # Where not one image fits as written, recomputing the frozen branches is switched on, if that fits.
+    recomputing = plan_for(cfg, "e3va", {**cfg.tuning.hyperparameters, "recompute": True}, cpu)
+    assert recomputing.peak_bytes(1) < plan.peak_bytes(1)
+    between = (recomputing.peak_bytes(1) + plan.peak_bytes(1)) / 2 + 0.5 * GIB
+    assert auto_batch_size(cfg, cpu, between) == (1, {"recompute": True})
+    written = load_experiment(REPO / "experiments" / "tiny.yaml", [*overrides, "tuning.hyperparameters.recompute=false"])
+    with pytest.raises(UserInputError, match="auto: one .* image needs .* GiB with e3va, more"):
+        auto_batch_size(written, cpu, between)  # the file said no: not overruled
+    with pytest.raises(UserInputError, match=r"auto: one .* image needs .* GiB with e3va \(.* GiB with \{'recompute'"):
+        auto_batch_size(cfg, cpu, recomputing.peak_bytes(1) / 2)
     with pytest.raises(UserInputError, match="'auto' sizes batches to each worker's GPU memory"):
         load_experiment(REPO / "experiments" / "tiny.yaml", ["schedule.batch_size=auto"])
     assert load_experiment(REPO / "experiments" / "tiny.yaml",

@@ -173,9 +173,9 @@ def test_a_detector_step_on_two_workers_is_close_to_one_process_step(tmp_path, r
 def test_each_worker_takes_the_batch_size_of_its_gpu_kind():
     cfg = load_experiment(TINY_EXPERIMENT, ["scaling.workers=2", "schedule.batch_size={v100: 4, 1080ti: 1, cpu: 2}"])
     cpu = torch.device("cpu")
-    assert worker_batch_size(cfg, 0, cpu, {"CPU": 8.0, "gpu_v100": 1.0}) == 4
-    assert worker_batch_size(cfg, 1, cpu, {"CPU": 8.0, "accelerator_type:1080Ti": 1.0}) == 1
-    assert worker_batch_size(cfg, 1, cpu, {"CPU": 8.0}) == 2
+    assert worker_batch_size(cfg, 0, cpu, {"CPU": 8.0, "gpu_v100": 1.0}) == (4, {})
+    assert worker_batch_size(cfg, 1, cpu, {"CPU": 8.0, "accelerator_type:1080Ti": 1.0}) == (1, {})
+    assert worker_batch_size(cfg, 1, cpu, {"CPU": 8.0}) == (2, {})
     only_gpus = load_experiment(TINY_EXPERIMENT, ["scaling.workers=2", "schedule.batch_size={v100: 4}"])
     with pytest.raises(UserInputError, match="worker 1 runs on 'CPU', a kind with no batch size here"):
         worker_batch_size(only_gpus, 1, cpu, {"CPU": 8.0, "gpu_p100": 1.0})

@@ -29,7 +29,7 @@ def test_unknown_hyperparameter_is_named_with_the_valid_ones():
         build_tuning("e3va", kernel=8)
     message = _message(exc)
     assert "'kernel'" in message and "e3va" in message
-    assert hyperparameter_names("e3va") == ["rank", "init"]
+    assert hyperparameter_names("e3va") == ["rank", "init", "recompute"]
     for valid in hyperparameter_names("e3va"):
         assert valid in message
 

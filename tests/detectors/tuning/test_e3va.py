@@ -131,7 +131,7 @@ def test_one_backward_reaches_every_highway_parameter_and_no_backbone_weight():
     assert len(highway) == 2 * 6 * sum(TINY["depths"])  # two adapters of six tensors per block
 
 
-@pytest.mark.parametrize(("method", "saves_inside"), [("e3va", False), ("full", True)])
+@pytest.mark.parametrize(("method", "saves_inside"), [("e3va", False), ("e3va-recompute", False), ("full", True)])
 def test_no_backbone_activation_is_saved_for_backward(method, saves_inside, inside_backbone):
     """``full`` is the control: the same instrumentation does see its saved activations."""
     model = build_tuning(method).apply(_plain())
@@ -158,6 +158,52 @@ def test_e3va_saves_far_fewer_bytes_for_backward_than_full():
         figures[method] = saved_tensor_bytes(step, exclude=model.parameters())
     assert figures["full"] > 0 and figures["e3va"] > 0
     assert figures["e3va"] < 0.25 * figures["full"], figures
+
+
+# --------------------------------------------------------------------------------------------
+# recompute: the frozen blocks again in backward instead of their outputs kept
+
+
+def _swin_t_step(recompute: bool, drop_path_rate: float):
+    """One training step of E3VA on a real Swin-T (with a trained-looking highway): outputs and gradients."""
+    torch.manual_seed(0)
+    model = build_tuning("e3va", recompute=recompute).tune(build_swin("swin_t", drop_path_rate=drop_path_rate))
+    _randomise(model.highway, 0.05)
+    model.train()
+    torch.manual_seed(1)
+    out = model(torch.randn(2, 3, 96, 128))
+    sum((v * torch.linspace(-1, 1, v.numel()).view_as(v)).sum() for v in out.values()).backward()
+    return out, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, torch.rand(4)
+
+
+@pytest.mark.parametrize("drop_path_rate", [0.0, 0.3])
+def test_recompute_gives_bit_identical_outputs_and_gradients_on_swin_t(drop_path_rate):
+    """Drop-path on the frozen blocks draws random numbers: backward replays forward's, so the
+    recomputed branches are the ones forward used, and the generator ends where it would have."""
+    out, grads, after = _swin_t_step(False, drop_path_rate)
+    out_r, grads_r, after_r = _swin_t_step(True, drop_path_rate)
+    assert all(torch.equal(out[k], out_r[k]) for k in out)
+    assert grads.keys() == grads_r.keys() and len(grads) == 2 * 6 * 12 + 8  # 12 blocks of Swin-T, 4 norms
+    assert all(g.abs().sum() > 0 for g in grads.values())
+    unequal = [n for n in grads if not torch.equal(grads[n], grads_r[n])]
+    assert not unequal, unequal[:5]
+    assert torch.equal(after, after_r)
+
+
+def test_recompute_keeps_less_than_half_the_bytes_and_only_in_training():
+    images = torch.randn(2, 3, 128, 160)
+    saved, outputs = {}, {}
+    for recompute in (False, True):
+        model = _e3va(recompute=recompute)
+
+        def step():
+            out = model(images)
+            sum(v.mean() for v in out.values()).backward()
+        saved[recompute] = saved_tensor_bytes(step, exclude=model.parameters())
+        with torch.no_grad():  # inference takes the shared frozen pass, the same in both modes
+            outputs[recompute] = model(images)
+    assert 0 < saved[True] < 0.5 * saved[False], saved
+    assert all(torch.equal(outputs[False][k], outputs[True][k]) for k in outputs[False])
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,9 +385,10 @@ def test_dual_low_rank_adapter_is_a_sum_of_two_rank_r_products():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="mixed precision training runs on CUDA")
-def test_highway_trains_under_cuda_autocast():
+@pytest.mark.parametrize("recompute", [False, True])
+def test_highway_trains_under_cuda_autocast(recompute):
     """The trainer's default on a GPU: every highway parameter gets a finite gradient."""
-    model = _e3va().cuda()
+    model = _e3va(recompute=recompute).cuda()
     images = torch.rand(2, 3, 96, 160, device="cuda")
     with torch.autocast("cuda"):
         loss = sum(f.float().square().mean() for f in model(images).values())
