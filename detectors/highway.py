@@ -17,10 +17,11 @@ never forming W, inside one autograd function per stage that saves the adapters'
 where they are narrow beside them, the rank-2r products) and recomputes the hidden layers and
 their GELU in backward.
 
-With ``recompute`` the highway keeps each stage's input lane instead of the branch outputs (a_i, m_i)
-and, in backward, runs that stage's frozen blocks again under no_grad, replaying the random numbers
-(drop-path) forward drew: the same gradients, bit for bit, for the memory of about one feature map per
-stage - the trade activation checkpointing makes, on the frozen side only.
+With ``recompute`` the highway keeps no frozen tensor but the images: in backward the frozen trunk runs
+again once for every stage's input, then each stage's frozen blocks again for their branch outputs
+(a_i, m_i), all under no_grad and replaying the random numbers (drop-path) forward drew: the same
+gradients, bit for bit, for the memory of the images - the trade activation checkpointing makes, on
+the frozen side only, at about two more frozen forwards per step.
 """
 from __future__ import annotations
 
@@ -100,14 +101,16 @@ class _HighwayStageFn(torch.autograd.Function):
 
 
 class _RecomputedStageFn(torch.autograd.Function):
-    """``_HighwayStageFn`` for a whole stage that keeps only its input lane: forward runs the stage's
-    frozen blocks itself, one at a time, and returns the highway and the stage's output lane; backward
-    runs them again, with the random state forward started from, for the branch outputs it needs."""
+    """``_HighwayStageFn`` for a whole stage that keeps no frozen tensor: forward runs the stage's frozen
+    blocks itself, one at a time, and returns the highway and the stage's output lane; backward gets the
+    stage's input lane from the trunk (``_FrozenTrunk``) and runs the blocks again, from the random state
+    forward started them with, for the branch outputs it needs."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, blocks, lead, lane_start, *params):
-        ctx.blocks, ctx.rng = blocks, _rng_state(lane_start.device)
+    def forward(ctx, trunk, index, lead, lane_start, images, *params):
+        blocks = trunk.backbone.layers[index].blocks
+        ctx.trunk, ctx.index, ctx.rng = trunk, index, _rng_state(lane_start.device)
         lane_end = lane_start
 
         def branches():
@@ -116,18 +119,48 @@ class _RecomputedStageFn(torch.autograd.Function):
                 yield a
                 yield m
         _, y = _adapter_products(branches(), params, keep=False)
-        ctx.save_for_backward(lane_start, *params)
+        ctx.save_for_backward(images, *params)  # every stage saves the same images: one tensor
         ctx.mark_non_differentiable(lane_end)
         return _stage_output(lead, lane_start, lane_end, y, params), lane_end
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out, _grad_lane_end):
-        lane_start, *params = ctx.saved_tensors
-        with torch.no_grad(), _replaying(ctx.rng, lane_start.device):
-            inputs = (x for a, m, _ in frozen_blocks(ctx.blocks, lane_start) for x in (a, m))
+        images, *params = ctx.saved_tensors
+        lane_start = ctx.trunk.stage_input(ctx.index, images)
+        with torch.no_grad(), _replaying(ctx.rng, images.device):
+            blocks = ctx.trunk.backbone.layers[ctx.index].blocks
+            inputs = (x for a, m, _ in frozen_blocks(blocks, lane_start) for x in (a, m))
             grads = _stage_backward(grad_out, inputs, params, None)
-        return (None, grad_out, None, *grads)
+        return (None, None, grad_out, None, None, *grads)
+
+
+class _FrozenTrunk:
+    """The frozen backbone's stage inputs for one recomputing pass, run again once in backward.
+
+    Forward keeps none of them, only the images. The first stage to run backward (the last one) runs
+    the frozen trunk again from the images, from the random state forward started with, up to its own
+    input, keeping every stage input on the way (at that point the heads' activations are freed); each
+    earlier stage then takes its own.
+    """
+
+    def __init__(self, backbone: SwinBackbone, device: torch.device):
+        self.backbone, self.rng, self.inputs = backbone, _rng_state(device), {}
+
+    def stage_input(self, index: int, images: torch.Tensor) -> torch.Tensor:
+        if index not in self.inputs:  # a second backward through the same graph recomputes them again
+            with torch.no_grad(), _replaying(self.rng, images.device):
+                self.inputs = dict(enumerate(self._stage_inputs(images, index)))
+        return self.inputs.pop(index)
+
+    def _stage_inputs(self, images: torch.Tensor, last: int):
+        lane = self.backbone.embed(images)
+        for index, stage in enumerate(self.backbone.layers[:last + 1]):
+            lane = stage.downsample(lane)
+            yield lane
+            if index < last:
+                for _, _, lane in frozen_blocks(stage.blocks, lane):
+                    pass
 
 
 def _adapter_products(inputs, params, keep: bool):
@@ -395,18 +428,19 @@ class HighwayBackbone(nn.Module):
         return embedded, stages
 
     def recomputing_pass(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The frozen and highway passes stage by stage, keeping for backward only each stage's input
-        lane (its blocks run again in backward): no per-task frozen pass to share, so training only."""
+        """The frozen and highway passes stage by stage, keeping no frozen tensor for backward but the
+        images (``_FrozenTrunk``): no per-task frozen pass to share, so training only."""
+        trunk = _FrozenTrunk(self.backbone, images.device)
         with torch.no_grad():
             lane = self.backbone.embed(images)
         highway, outputs = lane, []
-        for stage, adapters in zip(self.backbone.layers, self.highway):
+        for index, (stage, adapters) in enumerate(zip(self.backbone.layers, self.highway)):
             if not isinstance(stage.downsample, nn.Identity):
                 with torch.no_grad():
                     lane = stage.downsample(lane)
                 highway = merge_frozen(stage.downsample, highway)
             factors = [p for adapter in adapters for p in adapter.factors()]
-            highway, lane = _RecomputedStageFn.apply(list(stage.blocks), highway, lane, *factors)
+            highway, lane = _RecomputedStageFn.apply(trunk, index, highway, lane, images, *factors)
             outputs.append(highway)
         return self.backbone.finish(outputs)
 

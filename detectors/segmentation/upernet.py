@@ -44,6 +44,10 @@ class UPerNet(nn.Module):
         self.backbone = backbone
         self.decode_head = UperNetHead(config, in_channels=in_channels)
         self.auxiliary_head = UperNetFCNHead(config, in_channels=in_channels, in_index=2) if auxiliary_weight else None
+        heads = nn.ModuleList([self.decode_head, *([self.auxiliary_head] if self.auxiliary_head else [])])
+        for module in heads.modules():  # each ReLU follows a BatchNorm, whose backward does not read its output:
+            if isinstance(module, nn.ReLU):  # rectified in place, as mmsegmentation's ConvModule does, a step
+                module.inplace = True  # holds one map of the head's width less at a time
         self.num_classes, self.auxiliary_weight, self.ignore_index = num_classes, auxiliary_weight, ignore_index
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None):
