@@ -142,10 +142,10 @@ def predict_images(sources: Sequence[str], images: Sequence[str], out: str, *, s
 
 def read_picture(source) -> torch.Tensor:
     """An image file (a path or a binary file object) as a uint8 3 x H x W RGB tensor."""
-    from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
-    with Image.open(source) as opened:
-        return pil_to_tensor(opened.convert("RGB"))
+
+    from detectors.data.images import read_rgb
+    return pil_to_tensor(read_rgb(source))
 
 
 def _predict_all(tasks, shared, files, pictures, staging: Path, score_threshold: float, progress) -> None:

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools.coco import COCO
 from torchvision.transforms.functional import pil_to_tensor
 
+from detectors.data.images import read_rgb
 from detectors.errors import UserInputError
 
 logger = logging.getLogger(__name__)
@@ -82,8 +82,12 @@ class CocoDetection(torch.utils.data.Dataset):
     """Images and targets in the format torchvision's detection models take.
 
     Category ids are remapped to contiguous labels 1..K (0 is background for the R-CNN heads);
-    ``label_to_cat_id`` maps them back for evaluation. ``masks`` are present only when every
-    non-crowd annotation has a segmentation (``has_masks``): VOC-style box-only data yields none.
+    ``label_to_cat_id`` maps them back for evaluation. ``masks`` are present when any non-crowd
+    annotation has a usable segmentation (``has_masks``): VOC-style box-only data yields none. Then,
+    as detectron2 does, polygons of fewer than three points are dropped and an annotation left without
+    a segmentation (``segmentation: []``) is left out of training, with one warning naming how many
+    and the first id; evaluation still scores against it. Crowd annotations and boxes without area
+    inside the image are left out of training too (COCOeval uses them as the file has them).
     """
 
     def __init__(self, image_dir: str | os.PathLike, ann_file: str | os.PathLike,
@@ -99,8 +103,13 @@ class CocoDetection(torch.utils.data.Dataset):
         self.cat_id_to_label = {cat_id: i + 1 for i, cat_id in enumerate(self.cat_ids)}
         self.label_to_cat_id = {label: cat_id for cat_id, label in self.cat_id_to_label.items()}
         self.class_names: list[str] = [str(self.coco.cats[c].get("name", c)) for c in self.cat_ids]
-        self.has_masks = all(ann.get("segmentation") for ann in self.coco.anns.values()
-                             if not ann.get("iscrowd", 0))
+        self.segmentations = {ann["id"]: usable_segmentation(ann.get("segmentation"))
+                              for ann in self.coco.anns.values() if not ann.get("iscrowd", 0)}
+        self.has_masks = any(self.segmentations.values())
+        without = sorted(i for i, segmentation in self.segmentations.items() if not segmentation)
+        if self.has_masks and without:
+            logger.warning("%s: %d annotation(s) without a usable segmentation (first: id %s) are left out of "
+                           "training", self.ann_file, len(without), without[0])
 
     @property
     def num_classes(self) -> int:
@@ -127,8 +136,7 @@ class CocoDetection(torch.utils.data.Dataset):
             raise UserInputError(f"image file not found: {path} (image id {image_id} in "
                                  f"{self.ann_file})")
         try:
-            with Image.open(path) as pil:
-                rgb = pil.convert("RGB")
+            rgb = read_rgb(path)
         except OSError as exc:
             raise UserInputError(f"{path}: cannot read image ({exc})") from None
         if rgb.size != (info["width"], info["height"]):
@@ -150,10 +158,13 @@ class CocoDetection(torch.utils.data.Dataset):
             x2, y2 = min(float(x + w), float(width)), min(float(y + h), float(height))
             if x2 <= x1 or y2 <= y1:
                 continue
+            if self.has_masks:
+                segmentation = self.segmentations[ann["id"]]
+                if not segmentation:
+                    continue
+                masks.append(self.coco.annToMask({**ann, "segmentation": segmentation}))
             boxes.append([x1, y1, x2, y2])
             labels.append(self.cat_id_to_label[ann["category_id"]])
-            if self.has_masks:
-                masks.append(self.coco.annToMask(ann))
         target: Target = {
             "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             "labels": torch.tensor(labels, dtype=torch.int64),
@@ -164,6 +175,16 @@ class CocoDetection(torch.utils.data.Dataset):
             stacked = np.stack(masks) if masks else np.zeros((0, height, width), np.uint8)
             target["masks"] = torch.from_numpy(stacked.astype(np.uint8, copy=False))
         return target
+
+
+def usable_segmentation(segmentation: Any) -> Any:
+    """Polygons of at least three points (as detectron2 keeps them), an RLE as is, or None."""
+    if isinstance(segmentation, dict):
+        return segmentation if segmentation.get("counts") is not None else None
+    if isinstance(segmentation, list):
+        polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+        return polygons or None
+    return None
 
 
 def collate_fn(batch: Sequence[tuple[torch.Tensor, Target]]) -> tuple[list[torch.Tensor],

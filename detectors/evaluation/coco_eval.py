@@ -22,7 +22,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detectors.data.coco import load_coco
+from detectors.data.coco import load_coco, usable_segmentation
 from detectors.errors import UserInputError
 
 logger = logging.getLogger(__name__)
@@ -124,24 +124,45 @@ class CocoEvaluator:
         metrics = self._evaluate_type("bbox", self.bbox_results)
         metrics["bbox/VOC_AP50"] = metrics["bbox/AP50"]
         if self.has_masks:
-            if self._gt_has_segmentation():
-                metrics.update(self._evaluate_type("segm", self.segm_results))
+            masks_truth = self._segmentation_ground_truth()
+            if masks_truth is not None:
+                metrics.update(self._evaluate_type("segm", self.segm_results, masks_truth))
             else:
                 logger.warning("predictions have masks but the ground truth has no "
                                "segmentations; skipping segm evaluation")
         return metrics
 
-    def _gt_has_segmentation(self) -> bool:
-        return all(ann.get("segmentation") for ann in self.coco_gt.anns.values())
+    def _segmentation_ground_truth(self) -> COCO | None:
+        """The ground truth that masks are scored against: every annotation with a usable segmentation
+        (polygons of three points or more, or RLE), the others left out (pycocotools cannot rasterise
+        ``segmentation: []``); None where no annotation has one (box-only data such as VOC)."""
+        usable = {i: usable_segmentation(ann.get("segmentation")) for i, ann in self.coco_gt.anns.items()}
+        if not any(usable.values()):
+            return None
+        if all(usable[i] == ann.get("segmentation") for i, ann in self.coco_gt.anns.items()):
+            return self.coco_gt
+        left_out = sorted(i for i, segmentation in usable.items() if not segmentation)
+        if left_out:
+            logger.warning("%d annotation(s) without a usable segmentation (first: id %s) are not scored for "
+                           "masks", len(left_out), left_out[0])
+        truth = COCO()
+        truth.dataset = {**self.coco_gt.dataset, "annotations": [
+            {**ann, "segmentation": usable[ann["id"]]} for ann in self.coco_gt.dataset["annotations"]
+            if usable[ann["id"]]]}
+        with contextlib.redirect_stdout(io.StringIO()):
+            truth.createIndex()
+        return truth
 
-    def _evaluate_type(self, iou_type: str, results: list[dict[str, Any]]) -> dict[str, float]:
+    def _evaluate_type(self, iou_type: str, results: list[dict[str, Any]],
+                       truth: COCO | None = None) -> dict[str, float]:
         if not results:
             return {f"{iou_type}/{name}": 0.0 for name in METRIC_NAMES}
+        truth = truth or self.coco_gt
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             # loadRes writes ids and areas into the dicts it gets: hand it copies.
-            coco_dt = self.coco_gt.loadRes(copy.deepcopy(results))
-            coco_eval = COCOeval(self.coco_gt, coco_dt, iou_type)
+            coco_dt = truth.loadRes(copy.deepcopy(results))
+            coco_eval = COCOeval(truth, coco_dt, iou_type)
             coco_eval.params.imgIds = sorted(self.image_ids)
             coco_eval.evaluate()
             coco_eval.accumulate()

@@ -22,6 +22,7 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
 from detectors.data._atomic import atomic_write_bytes, atomic_write_json
+from detectors.data.images import read_rgb
 from detectors.data.synthetic import SHAPE_CLASSES, _draw_image
 from detectors.errors import UserInputError
 from detectors.segmentation.upernet import IGNORE_INDEX
@@ -87,8 +88,7 @@ class SegmentationFolder(Dataset):
         return self.label_dir / f"{self.images[index].stem}.png"
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        with Image.open(self.images[index]) as picture:
-            image = torch.from_numpy(np.asarray(picture.convert("RGB")).copy()).permute(2, 0, 1)
+        image = torch.from_numpy(np.asarray(read_rgb(self.images[index])).copy()).permute(2, 0, 1)
         labels = self.read_labels(index)
         if labels.shape != image.shape[1:]:
             raise UserInputError(f"{self.label_path(index)} is {tuple(labels.shape)} pixels, its image "
