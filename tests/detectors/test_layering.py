@@ -69,3 +69,12 @@ def test_a_detectors_module_imports_no_orchestration(module):
 def test_no_module_under_detectors_imports_orchestration():
     loaded = set(_probe(*MODULES)["<all>"])
     assert not set(FORBIDDEN) & loaded
+
+
+def test_importing_the_engines_does_not_import_detectron2():
+    """The torchvision engine works where detectron2 is not installed: the registry imports it lazily."""
+    code = "import sys, detectors.engines; print('detectron2' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

@@ -27,6 +27,7 @@ def downstream_ap50(tmp: Path, cache: Path, pretrained: bool, seed: int) -> floa
 
 
 @pytest.mark.slow
+@pytest.mark.benchmark  # 10-13 minutes on 2 cores: `pytest -m benchmark`, not in CI
 def test_e3va_on_the_pretrained_backbone_beats_e3va_on_a_random_one(tmp_path):
     cache = tmp_path / "pretrained"
     ensure_pretrained(UpstreamSpec(**UPSTREAM, cache_dir=str(cache)))
