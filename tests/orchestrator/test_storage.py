@@ -2,6 +2,7 @@
 real Ray Train runs and a real Ray Tune sweep keeping their checkpoints and state there, resuming from
 it, and every step's metrics in a real MLflow store exactly once."""
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -116,32 +117,36 @@ def test_a_worker_failure_resumes_from_the_newest_checkpoint_in_s3_logging_each_
 
 def test_a_killed_driver_run_again_resumes_from_s3_and_logs_each_step_once(s3, tmp_path):
     """SIGKILL after steps past a checkpoint were logged: those steps run again, but MLflow holds each once."""
+    iterations, period = 24, 4  # long enough that the kill lands mid-run however fast the steps go
     args = [sys.executable, "-m", "orchestrator", "run", str(DEMO), *sum((["--set", s] for s in FAST), []),
-            "--set", "schedule.iterations=8", "--set", "checkpoint.period=4",
+            "--set", f"schedule.iterations={iterations}", "--set", f"checkpoint.period={period}",
             *sum((["--set", s] for s in places(tmp_path, "killed")), [])]
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 600
-    while True:  # until step 5 is in MLflow: one step past the step-4 checkpoint
+    while True:  # until a step past a checkpoint is in MLflow
         assert first.poll() is None and time.monotonic() < deadline
         try:
-            if max(train_loss_steps(uri)[0], default=0) >= 5:
+            newest = max(train_loss_steps(uri)[0], default=0)
+            if newest > period and newest % period:
                 break
         except (AttributeError, ValueError, Exception):  # noqa: B014 - the store is still being created
             pass
-        time.sleep(0.5)
+        time.sleep(0.2)
     import os
     os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
     first.wait(timeout=60)
     logged_before = train_loss_steps(uri)[0]
-    assert logged_before[-1] < 8
+    assert logged_before[-1] < iterations
 
     second = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "resuming from step 4" in second.stdout + second.stderr
+    resumed = re.search(r"resuming from step (\d+)", second.stdout + second.stderr)
+    assert resumed, second.stdout[-3000:]
+    assert int(resumed.group(1)) % period == 0 and period <= int(resumed.group(1)) <= logged_before[-1]
     steps, run = train_loss_steps(uri)
     assert run.info.status == "FINISHED"
-    assert steps == list(range(1, 9)), steps
+    assert steps == list(range(1, iterations + 1)), steps
 
 
 def test_a_sweep_keeps_its_tune_state_in_s3_and_a_rerun_resumes_it_under_the_same_parent(s3, tmp_path, ray_local):
