@@ -54,6 +54,22 @@ def _cmd_bench_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_startup(args: argparse.Namespace) -> int:
+    import json
+
+    from orchestrator.startup import print_startup_table, run_startup_bench
+    if not 0 < args.scale <= 1:
+        raise UserInputError(f"--scale must be in (0, 1], got {args.scale}")
+    which = {"coco": args.dataset in ("both", "coco"), "ade20k": args.dataset in ("both", "ade20k")}
+    results = run_startup_bench(args.folder, args.loader_workers, **which, scale=args.scale,
+                                progress=lambda line: print(line, file=sys.stderr, flush=True))
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print_startup_table(results)
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.config import load_experiment
     cfg = load_experiment(args.experiment, args.set)
@@ -208,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.add_argument("--images", type=int, default=2, help="images per round")
     tasks.add_argument("--rounds", type=int, default=5, help="alternating rounds of both arms")
     tasks.set_defaults(func=_cmd_bench_tasks)
+    startup = commands.add_parser("bench-startup", help="what a run does before its first step on COCO- and "
+                                                        "ADE20K-sized files (written once): seconds and memory")
+    startup.add_argument("--folder", default="outputs/startup", help="where the files are written and kept")
+    startup.add_argument("--dataset", choices=("both", "coco", "ade20k"), default="both")
+    startup.add_argument("--loader-workers", type=int, default=2, help="forked data-loading processes to measure")
+    startup.add_argument("--scale", type=float, default=1.0, help="fraction of the real sizes (a quick look)")
+    startup.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    startup.set_defaults(func=_cmd_bench_startup)
     run = commands.add_parser("run", help="train one experiment with Ray Train, tracked in MLflow")
     run.add_argument("experiment", help="experiment YAML file")
     run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",

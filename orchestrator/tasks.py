@@ -171,10 +171,10 @@ class DetectionTask(Task):
                              build_transforms(False, test_short_edge=d.test_short_edge, max_size=d.max_size))
 
     def check_files(self, cfg) -> None:
-        from detectors.data import CocoDetection
+        from detectors.data.coco import check_coco_files
         paths = self.dataset_paths(cfg)
         for split in ("train", "val"):
-            CocoDetection(paths[f"{split}_images"], paths[f"{split}_json"]).check_files()
+            check_coco_files(paths[f"{split}_images"], paths[f"{split}_json"])
 
     def classes(self, dataset) -> list[dict[str, Any]]:
         from detectors.training import check_num_classes
@@ -304,8 +304,8 @@ class SegmentationTask(Task):
 
     def check_files(self, cfg) -> None:
         paths = self.dataset_paths(cfg)
-        for split in ("training", "validation"):
-            self._split(paths, split).check_files()
+        for split in ("training", "validation"):  # a folder that passed once is not read again
+            self._split(paths, split).check_files(cache_dir=Path(cfg.output_dir) / "checked-labels")
 
     def classes(self, dataset) -> list[dict[str, Any]]:
         return [{"id": index, "name": name} for index, name in enumerate(dataset.class_names)]

@@ -10,8 +10,11 @@ without its label PNG, a label value that is no class (other than 255).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -47,20 +50,41 @@ class SegmentationFolder(Dataset):
         self.images = sorted(p for p in self.image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) \
             if self.image_dir.is_dir() else []
 
-    def check_files(self) -> None:
-        """Every folder and label file there, before any training starts."""
+    def check_files(self, cache_dir: str | Path | None = None) -> None:
+        """Every folder and label file there, and every label value a class, before any training starts.
+
+        Label files are checked on all CPUs (Pillow decodes without Python's lock); with ``cache_dir``,
+        a folder that passed is not read again until a label file is added, removed or rewritten."""
         for folder in (self.image_dir, self.label_dir):
             if not folder.is_dir():
                 raise UserInputError(f"{folder} is missing: an ADE20K-layout dataset has images/{self.split} and "
                                      f"annotations/{self.split} under {self.root}")
         if not self.images:
             raise UserInputError(f"{self.image_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        labels = {p.name for p in self.label_dir.iterdir()}
+        labels = {entry.name: entry for entry in os.scandir(self.label_dir)}
         for image in self.images:
             if f"{image.stem}.png" not in labels:
                 raise UserInputError(f"{image} has no label file {self.label_dir / (image.stem + '.png')}")
-        for index in range(len(self.images)):
-            self.check_label_values(index)
+        marker = Path(cache_dir) / f"labels-{self._fingerprint(labels)}.ok" if cache_dir is not None else None
+        if marker is not None and marker.is_file():
+            return
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            for _ in pool.map(self.check_label_values, range(len(self.images))):
+                pass
+        if marker is not None:
+            try:
+                atomic_write_json(marker, {"label_dir": str(self.label_dir), "files": len(self.images)})
+            except OSError:  # a cache that cannot be written only costs the next run the same check
+                pass
+
+    def _fingerprint(self, labels: dict[str, os.DirEntry]) -> str:
+        """The label files this split reads (name, size, modification time) and the classes they are checked
+        against."""
+        digest = hashlib.sha256(f"{self.label_dir.resolve()}|{self.num_classes}|{self.reduce_zero_label}".encode())
+        for image in self.images:
+            stat = labels[f"{image.stem}.png"].stat()
+            digest.update(f"\n{image.stem}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        return digest.hexdigest()[:32]
 
     def check_label_values(self, index: int) -> None:
         """A label that is no class (other than 255) fails here, by its file, not in a training step:

@@ -121,3 +121,19 @@ def test_two_shards_of_the_split_score_what_one_pass_over_it_scores(synthetic):
     shards = [predict_split(model, val, indices=evaluation_shard(len(val), rank, 2)) for rank in (0, 1)]
     assert shards[0].merge([shards[1]]).scores() == whole
     assert shards[0].matrix.sum() == 3 * 128 * 160  # every labelled pixel of the split, at its own size
+
+
+def test_a_label_folder_that_passed_is_not_read_again_until_a_label_file_changes(tmp_path, monkeypatch):
+    write_ade(tmp_path, {"ADE_1": np.array([[0, 1]] * 2), "ADE_2": np.array([[1, 2]] * 2)})
+    cache, classes = tmp_path / "cache", ["x", "y", "z"]
+    SegmentationFolder(tmp_path, "training", classes).check_files(cache_dir=cache)
+    with monkeypatch.context() as patched:
+        read = []
+        patched.setattr(SegmentationFolder, "check_label_values", lambda self, index: read.append(index))
+        SegmentationFolder(tmp_path, "training", classes).check_files(cache_dir=cache)
+        assert read == []
+        SegmentationFolder(tmp_path, "training", ["x", "y"]).check_files(cache_dir=cache)  # other classes: read
+        assert sorted(read) == [0, 1]
+    Image.fromarray(np.array([[3, 0]] * 2, np.uint8)).save(tmp_path / "annotations" / "training" / "ADE_2.png")
+    with pytest.raises(UserInputError, match=r"ADE_2.png: label value 3 is not a class"):
+        SegmentationFolder(tmp_path, "training", classes).check_files(cache_dir=cache)
