@@ -28,20 +28,27 @@ def run(tmp_path, env, address, *overrides):
     return subprocess.run(args, env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=900)
 
 
-def test_workers_land_on_the_gpu_kind_the_experiment_asks_for(tmp_path):
-    with local_ray_cluster({"gpu_1080ti": 2}, ({"gpu_v100": 2},)) as (address, _, env):
-        result = run(tmp_path, env, address, "scaling.gpu_kind=v100")
-        assert result.returncode == 0, result.stderr[-3000:]
-        client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-        [mlflow_run] = client.search_runs([client.get_experiment_by_name("e3va-tiny").experiment_id])
-        # both workers found themselves on the v100 node and took its batch size
-        assert mlflow_run.data.params["batch_sizes"] == "[3, 3]" and mlflow_run.data.params["gpu_kind"] == "v100"
+@pytest.fixture(scope="module")
+def two_kinds():
+    """One cluster for the module: a 1080ti head and a v100 node (starting one costs about 20 s)."""
+    with local_ray_cluster({"gpu_1080ti": 2}, ({"gpu_v100": 2},)) as cluster:
+        yield cluster
 
-        missing = run(tmp_path / "h100", env, address, "scaling.gpu_kind=h100")
-        assert missing.returncode == 2
-        lines = [line for line in missing.stderr.splitlines() if line.startswith("error:")]
-        assert len(lines) == 1 and "do not fit this cluster" in lines[0] and "gpu_h100" in lines[0], missing.stderr
-        assert not (tmp_path / "h100" / "mlflow.db").exists()
+
+def test_workers_land_on_the_gpu_kind_the_experiment_asks_for(tmp_path, two_kinds):
+    address, _, env = two_kinds
+    result = run(tmp_path, env, address, "scaling.gpu_kind=v100")
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [mlflow_run] = client.search_runs([client.get_experiment_by_name("e3va-tiny").experiment_id])
+    # both workers found themselves on the v100 node and took its batch size
+    assert mlflow_run.data.params["batch_sizes"] == "[3, 3]" and mlflow_run.data.params["gpu_kind"] == "v100"
+
+    missing = run(tmp_path / "h100", env, address, "scaling.gpu_kind=h100")
+    assert missing.returncode == 2
+    lines = [line for line in missing.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "do not fit this cluster" in lines[0] and "gpu_h100" in lines[0], missing.stderr
+    assert not (tmp_path / "h100" / "mlflow.db").exists()
 
 
 def test_the_cluster_check_counts_workers_per_node():
@@ -53,7 +60,7 @@ def test_the_cluster_check_counts_workers_per_node():
         check_cluster(cfg, two_v100_nodes[1:])
 
 
-def test_a_sweep_routes_e3va_trials_to_the_small_gpus_and_full_tuning_to_the_large(tmp_path):
+def test_a_sweep_routes_e3va_trials_to_the_small_gpus_and_full_tuning_to_the_large(tmp_path, two_kinds):
     sweep = tmp_path / "routed.yaml"
     sweep.write_text(f"""
 name: routed
@@ -63,12 +70,12 @@ space: {{tuning.method: {{grid: [e3va, fixed]}}}}
 route: {{e3va: 1080ti, fixed: v100}}
 max_concurrent_trials: 2
 """)
-    with local_ray_cluster({"gpu_1080ti": 2}, ({"gpu_v100": 2},)) as (address, _, env):
-        args = [sys.executable, "-m", "orchestrator", "sweep", str(sweep)]
-        for item in [*FAST, "scaling.workers=1", f"output_dir={tmp_path}", f"data.synthetic.root={tmp_path}/synthetic"]:
-            args += ["--set", item]
-        result = subprocess.run(args, env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    address, _, env = two_kinds
+    args = [sys.executable, "-m", "orchestrator", "sweep", str(sweep)]
+    for item in [*FAST, "scaling.workers=1", f"output_dir={tmp_path}", f"data.synthetic.root={tmp_path}/synthetic"]:
+        args += ["--set", item]
+    result = subprocess.run(args, env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("routed").experiment_id],
                               "tags.mlflow.parentRunId != ''")

@@ -5,6 +5,7 @@ highway adapters, the FPN and the heads learn the synthetic shapes from scratch.
 """
 import itertools
 
+import pytest
 import torch
 
 from detectors.data import CocoDetection, build_transforms, collate_fn, make_synthetic_coco
@@ -15,6 +16,7 @@ SMALL_IMAGES = dict(rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, r
                     box_batch_size_per_image=64, box_detections_per_img=50)
 
 
+@pytest.mark.benchmark  # two and a half minutes on 2 cores; CI's runs learn too (test_torchvision_engine, test_segmentation)
 def test_e3va_faster_rcnn_learns_the_synthetic_shapes(tmp_path):
     paths = make_synthetic_coco(tmp_path, num_train=64, num_val=16, image_size=(128, 160), num_classes=3, seed=0)
     train = CocoDetection(paths["train_images"], paths["train_json"], build_transforms(True, (128,), 256))
