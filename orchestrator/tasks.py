@@ -304,8 +304,11 @@ class SegmentationTask(Task):
 
     def check_files(self, cfg) -> None:
         paths = self.dataset_paths(cfg)
-        for split in ("training", "validation"):  # a folder that passed once is not read again
-            self._split(paths, split).check_files(cache_dir=Path(cfg.output_dir) / "checked-labels")
+        from detectors.segmentation.data import remember_check
+        cache = Path(cfg.output_dir) / "checked-labels"  # a folder that passed once is not read again
+        markers = [self._split(paths, split).check_files(cache_dir=cache) for split in ("training", "validation")]
+        for marker in markers:  # only once both passed: a failed check writes nothing
+            remember_check(marker)
 
     def classes(self, dataset) -> list[dict[str, Any]]:
         return [{"id": index, "name": name} for index, name in enumerate(dataset.class_names)]

@@ -50,11 +50,13 @@ class SegmentationFolder(Dataset):
         self.images = sorted(p for p in self.image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) \
             if self.image_dir.is_dir() else []
 
-    def check_files(self, cache_dir: str | Path | None = None) -> None:
+    def check_files(self, cache_dir: str | Path | None = None) -> Path | None:
         """Every folder and label file there, and every label value a class, before any training starts.
 
-        Label files are checked on all CPUs (Pillow decodes without Python's lock); with ``cache_dir``,
-        a folder that passed is not read again until a label file is added, removed or rewritten."""
+        Label files are checked on all CPUs (Pillow decodes without Python's lock). With ``cache_dir``, a
+        folder that passed before (``remember_check``) is not read again until a label file is added, removed
+        or rewritten; the marker to remember this check by is returned (None when it was remembered), for the
+        caller to write once everything it checks has passed."""
         for folder in (self.image_dir, self.label_dir):
             if not folder.is_dir():
                 raise UserInputError(f"{folder} is missing: an ADE20K-layout dataset has images/{self.split} and "
@@ -67,15 +69,11 @@ class SegmentationFolder(Dataset):
                 raise UserInputError(f"{image} has no label file {self.label_dir / (image.stem + '.png')}")
         marker = Path(cache_dir) / f"labels-{self._fingerprint(labels)}.ok" if cache_dir is not None else None
         if marker is not None and marker.is_file():
-            return
+            return None
         with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
             for _ in pool.map(self.check_label_values, range(len(self.images))):
                 pass
-        if marker is not None:
-            try:
-                atomic_write_json(marker, {"label_dir": str(self.label_dir), "files": len(self.images)})
-            except OSError:  # a cache that cannot be written only costs the next run the same check
-                pass
+        return marker
 
     def _fingerprint(self, labels: dict[str, os.DirEntry]) -> str:
         """The label files this split reads (name, size, modification time) and the classes they are checked
@@ -139,6 +137,15 @@ class SegmentationFolder(Dataset):
                                  f"({self.num_classes} classes{', 0 ignored' if self.reduce_zero_label else ''}; "
                                  f"255 = ignore)")
         return labels
+
+
+def remember_check(marker: Path | None) -> None:
+    """Write a marker ``check_files`` returned; one that cannot be written costs the next run the same check."""
+    if marker is not None:
+        try:
+            atomic_write_json(marker, {"checked": marker.stem})
+        except OSError:
+            pass
 
 
 def make_synthetic_segmentation(out_dir: str | Path, num_train: int = 48, num_val: int = 16,

@@ -6,7 +6,7 @@ from PIL import Image
 
 from detectors.errors import UserInputError
 from detectors.segmentation import IGNORE_INDEX
-from detectors.segmentation.data import SegmentationFolder, make_synthetic_segmentation
+from detectors.segmentation.data import SegmentationFolder, make_synthetic_segmentation, remember_check
 from detectors.segmentation.transforms import EvalTransform, TrainTransform, rescale_size
 
 
@@ -126,11 +126,13 @@ def test_two_shards_of_the_split_score_what_one_pass_over_it_scores(synthetic):
 def test_a_label_folder_that_passed_is_not_read_again_until_a_label_file_changes(tmp_path, monkeypatch):
     write_ade(tmp_path, {"ADE_1": np.array([[0, 1]] * 2), "ADE_2": np.array([[1, 2]] * 2)})
     cache, classes = tmp_path / "cache", ["x", "y", "z"]
-    SegmentationFolder(tmp_path, "training", classes).check_files(cache_dir=cache)
+    marker = SegmentationFolder(tmp_path, "training", classes).check_files(cache_dir=cache)
+    assert not cache.exists()  # written by the caller, once everything it checks passed
+    remember_check(marker)
     with monkeypatch.context() as patched:
         read = []
         patched.setattr(SegmentationFolder, "check_label_values", lambda self, index: read.append(index))
-        SegmentationFolder(tmp_path, "training", classes).check_files(cache_dir=cache)
+        assert SegmentationFolder(tmp_path, "training", classes).check_files(cache_dir=cache) is None
         assert read == []
         SegmentationFolder(tmp_path, "training", ["x", "y"]).check_files(cache_dir=cache)  # other classes: read
         assert sorted(read) == [0, 1]
