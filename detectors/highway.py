@@ -17,11 +17,12 @@ never forming W, inside one autograd function per stage that saves the adapters'
 where they are narrow beside them, the rank-2r products) and recomputes the hidden layers and
 their GELU in backward.
 
-With ``recompute`` the highway keeps no frozen tensor but the images: in backward the frozen trunk runs
-again once for every stage's input, then each stage's frozen blocks again for their branch outputs
-(a_i, m_i), all under no_grad and replaying the random numbers (drop-path) forward drew: the same
-gradients, bit for bit, for the memory of the images - the trade activation checkpointing makes, on
-the frozen side only, at about two more frozen forwards per step.
+With ``recompute`` the highway keeps no frozen tensor but the images and the (small) input lanes of the last
+two stages: in backward the first stage's blocks run again for the second stage's input, then each
+stage's frozen blocks again for their branch outputs (a_i, m_i), all under no_grad and replaying the random
+numbers (drop-path) forward drew: the same gradients, bit for bit, for about the memory of the images -
+the trade activation checkpointing makes, on the frozen side only, at a little over one more frozen forward
+per step.
 """
 from __future__ import annotations
 
@@ -111,6 +112,7 @@ class _RecomputedStageFn(torch.autograd.Function):
     def forward(ctx, trunk, index, lead, lane_start, images, *params):
         blocks = trunk.backbone.layers[index].blocks
         ctx.trunk, ctx.index, ctx.rng = trunk, index, _rng_state(lane_start.device)
+        ctx.keeps_input = index >= _KEPT_INPUTS_FROM
         lane_end = lane_start
 
         def branches():
@@ -119,15 +121,19 @@ class _RecomputedStageFn(torch.autograd.Function):
                 yield a
                 yield m
         _, y = _adapter_products(branches(), params, keep=False)
-        ctx.save_for_backward(images, *params)  # every stage saves the same images: one tensor
+        kept = (lane_start,) if ctx.keeps_input else ()
+        ctx.save_for_backward(images, *kept, *params)  # every stage saves the same images: one tensor
         ctx.mark_non_differentiable(lane_end)
         return _stage_output(lead, lane_start, lane_end, y, params), lane_end
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out, _grad_lane_end):
-        images, *params = ctx.saved_tensors
-        lane_start = ctx.trunk.stage_input(ctx.index, images)
+        if ctx.keeps_input:
+            images, lane_start, *params = ctx.saved_tensors
+        else:
+            images, *params = ctx.saved_tensors
+            lane_start = ctx.trunk.stage_input(ctx.index, images)
         with torch.no_grad(), _replaying(ctx.rng, images.device):
             blocks = ctx.trunk.backbone.layers[ctx.index].blocks
             inputs = (x for a, m, _ in frozen_blocks(blocks, lane_start) for x in (a, m))
@@ -135,13 +141,20 @@ class _RecomputedStageFn(torch.autograd.Function):
         return (None, None, grad_out, None, None, *grads)
 
 
-class _FrozenTrunk:
-    """The frozen backbone's stage inputs for one recomputing pass, run again once in backward.
+#: Stages from this one on keep their input lane from forward. A Swin stage's input is half the previous
+#: one's bytes, so stages 2 and 3 keep 3/8 of the first stage's input (about 0.75x the images' bytes), while
+#: stage 2 holds most of the blocks (6 of Swin-T's 12, 18 of Swin-B/L's 24): without its input, backward
+#: would run nearly the whole frozen trunk again before the per-stage recomputation.
+_KEPT_INPUTS_FROM = 2
 
-    Forward keeps none of them, only the images. The first stage to run backward (the last one) runs
-    the frozen trunk again from the images, from the random state forward started with, up to its own
-    input, keeping every stage input on the way (at that point the heads' activations are freed); each
-    earlier stage then takes its own.
+
+class _FrozenTrunk:
+    """The frozen backbone's stage inputs for one recomputing pass that forward did not keep, run again
+    once in backward.
+
+    The first of those stages to run backward runs the frozen trunk again from the images, from the random
+    state forward started with, up to its own input, keeping every stage input on the way (at that point the
+    heads' activations are freed); each earlier stage then takes its own.
     """
 
     def __init__(self, backbone: SwinBackbone, device: torch.device):
