@@ -5,8 +5,8 @@ annotations, polygons as long as COCO's, one crowd RLE in a hundred, category id
 gaps - beside empty placeholder image files, and an ADE20K-sized folder of 20,210 + 2,000 label PNGs
 at 512x683. Then it measures, each in a fresh process (``spawn``), the real code paths of a run:
 
-- the driver's check (``task.check_files``: reading, validating and indexing the annotations, every
-  image listed being there, every label PNG's values) - seconds and peak resident memory;
+- the driver's check (``task.check_files``: reading and validating the annotations, every image listed
+  being there, every label PNG's values) - seconds and peak resident memory;
 - a Ray Train worker's start (``task.build_datasets`` and the class check) - seconds and the resident
   memory the index adds;
 - that worker's data-loading processes (forked, as PyTorch's DataLoader does on Linux) reading every
@@ -107,7 +107,7 @@ def _rectangle_rle(x: int, y: int, w: int, h: int, height: int, width: int) -> d
 def write_ade20k_sized(folder: str | Path, splits: tuple[int, int] = ADE20K, size: tuple[int, int] = ADE20K_SIZE,
                        seed: int = 0) -> str:
     """An ADEChallengeData2016-layout folder: label PNGs of 0..150 regions, empty image files; written once."""
-    from PIL import Image
+    from detectors.segmentation.data import _encode
     folder = Path(folder)
     params = {"version": _VERSION, "splits": list(splits), "size": list(size), "seed": seed}
     if _manifest_matches(folder / "ade_manifest.json", params):
@@ -121,16 +121,9 @@ def write_ade20k_sized(folder: str | Path, splits: tuple[int, int] = ADE20K, siz
             (folder / "images" / split / f"{stem}.jpg").touch()
             coarse = rng.integers(0, 151, size=(height // 32 + 1, width // 32 + 1), dtype=np.uint8)
             labels = np.kron(coarse, np.ones((32, 32), np.uint8))[:height, :width]
-            atomic_write_bytes(folder / "annotations" / split / f"{stem}.png", _png(Image.fromarray(labels)))
+            atomic_write_bytes(folder / "annotations" / split / f"{stem}.png", _encode(labels, "PNG"))
     atomic_write_json(folder / "ade_manifest.json", params)
     return str(folder)
-
-
-def _png(picture) -> bytes:
-    import io
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _manifest_matches(path: Path, params: dict) -> bool:

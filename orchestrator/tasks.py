@@ -303,8 +303,8 @@ class SegmentationTask(Task):
         return self._split(paths or self.dataset_paths(cfg), "validation", EvalTransform(cfg.data.scale))
 
     def check_files(self, cfg) -> None:
-        paths = self.dataset_paths(cfg)
         from detectors.segmentation.data import remember_check
+        paths = self.dataset_paths(cfg)
         cache = Path(cfg.output_dir) / "checked-labels"  # a folder that passed once is not read again
         markers = [self._split(paths, split).check_files(cache_dir=cache) for split in ("training", "validation")]
         for marker in markers:  # only once both passed: a failed check writes nothing

@@ -219,17 +219,17 @@ def _index_images(data: dict[str, Any]) -> tuple[list[int], PickledList, bool, l
     """Image ids in order; for each its file name, size and annotations (in the file's order, each with a
     usable segmentation or None); whether any object has a mask; the ids of those without one."""
     by_image: dict[int, list[dict[str, Any]]] = {}
-    without = []
+    without, has_masks = [], False
     for ann in data["annotations"]:
         kept = {key: ann[key] for key in ("id", "category_id", "bbox", "iscrowd") if key in ann}
         if ann.get("iscrowd", 0):
             kept["segmentation"] = ann.get("segmentation")
         else:
             kept["segmentation"] = usable_segmentation(ann.get("segmentation"))
+            has_masks = has_masks or kept["segmentation"] is not None
             if kept["segmentation"] is None:
                 without.append(ann["id"])
         by_image.setdefault(ann["image_id"], []).append(kept)
-    has_masks = len(without) < sum(not ann.get("iscrowd", 0) for ann in data["annotations"])
     data["annotations"].clear()  # each image's objects are freed once its record is pickled
     images = sorted(data["images"], key=lambda image: image["id"])
     records = ({"file_name": image["file_name"], "height": image["height"], "width": image["width"],
