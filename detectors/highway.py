@@ -412,6 +412,14 @@ class HighwayBackbone(nn.Module):
         self.strides = backbone.strides
         self.size_divisibility = backbone.size_divisibility
 
+    @property
+    def pretrained_swin(self) -> SwinBackbone:
+        return self.backbone
+
+    def shareable_pass(self) -> str:
+        """``frozen_pass``: the highway only reads it, so it is the same whatever a task's highway learned."""
+        return "highway frozen pass"
+
     #: Set by ``detectors.sharing.share_backbone``: tasks on one backbone reuse one frozen pass.
     shared_pass = None
 

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from detectors.backbones.swin import SwinBackbone
-from detectors.highway import HighwayBackbone
 
 
 class SharedFrozenPass:
@@ -46,10 +45,13 @@ class SharedFrozenPass:
 
 
 class SharedBackbone:
-    """What ``share_backbone`` set up: one frozen pass per kind of frozen computation."""
+    """What ``share_backbone`` set up: one frozen pass per kind of shareable computation."""
 
     def __init__(self) -> None:
-        self.passes = {HighwayBackbone: SharedFrozenPass(), SwinBackbone: SharedFrozenPass()}
+        self.passes: dict[str, SharedFrozenPass] = {}
+
+    def pass_for(self, kind: str) -> SharedFrozenPass:
+        return self.passes.setdefault(kind, SharedFrozenPass())
 
     @property
     def computed(self) -> int:
@@ -61,14 +63,16 @@ class SharedBackbone:
 
 
 def swin_inside(backbone: nn.Module) -> SwinBackbone:
-    """The Swin with the pre-trained weights in a tuned backbone (itself, or E3VA's frozen one)."""
-    return backbone.backbone if isinstance(backbone, HighwayBackbone) else backbone
+    """The Swin with the pre-trained weights in a tuned backbone (itself, or a side network's frozen one)."""
+    return backbone.pretrained_swin
 
 
 def share_backbone(backbones: Sequence[nn.Module]) -> SharedBackbone:
     """Tie the frozen weights of every tuned backbone to the first one's, and let those whose frozen
     computation does not depend on the task run it once per batch for all of them.
 
+    Each tuned backbone says what it may share (``shareable_pass``: a name for the kind of computation, or
+    None); a method that adds a side network beside the frozen Swin says so on its own module.
     The caller checks that the tasks were trained from the same weights (their checkpoints'
     fingerprints). Parameters that train in a task stay that task's own.
     """
@@ -78,10 +82,9 @@ def share_backbone(backbones: Sequence[nn.Module]) -> SharedBackbone:
         swin = swin_inside(backbone)
         if swin is not swin_inside(backbones[0]):
             _tie_frozen(swin, reference)
-        if isinstance(backbone, HighwayBackbone):
-            backbone.shared_pass = shared.passes[HighwayBackbone]
-        elif isinstance(backbone, SwinBackbone) and not any(p.requires_grad for p in backbone.parameters()):
-            backbone.shared_pass = shared.passes[SwinBackbone]
+        kind = backbone.shareable_pass()
+        if kind is not None:
+            backbone.shared_pass = shared.pass_for(kind)
     return shared
 
 

@@ -214,8 +214,19 @@ class SwinBackbone(nn.Module):
         return {name: norm(x).permute(0, 3, 1, 2).contiguous()
                 for name, norm, x in zip(OUT_FEATURES, self.output_norms, stage_outputs)}
 
-    #: Set by ``detectors.sharing.share_backbone`` where every weight here is frozen (FIXED): then
-    #: tasks on this backbone compute the same features and reuse one forward.
+    # What ``detectors.sharing`` asks of every tuned backbone: where its pre-trained weights are, and
+    # which of its computation (if any) is the same for every task trained from them.
+
+    @property
+    def pretrained_swin(self) -> SwinBackbone:
+        return self
+
+    def shareable_pass(self) -> str | None:
+        """All of it where every weight here is frozen (FIXED); nothing where a method tunes inside."""
+        return None if any(p.requires_grad for p in self.parameters()) else "swin features"
+
+    #: Set by ``detectors.sharing.share_backbone`` where ``shareable_pass`` names one: tasks on this
+    #: backbone then compute the same features and reuse one forward.
     shared_pass = None
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

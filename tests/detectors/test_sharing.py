@@ -87,3 +87,43 @@ def test_tasks_trained_on_other_frozen_weights_are_refused():
         swin_inside(second.backbone).patch_embed.proj.weight.add_(1.0)
     with pytest.raises(ValueError, match="patch_embed.proj.weight differs"):
         share_backbone([first.backbone, second.backbone])
+
+
+class SideNetwork(torch.nn.Module):
+    """A new side-network method's tuned backbone, written as a method author would: its own class, saying
+    through the two hooks where its pre-trained Swin is and that its frozen pass does not depend on the task."""
+
+    shared_pass = None
+
+    def __init__(self, swin, seed: int):
+        super().__init__()
+        self.swin = swin.requires_grad_(False)
+        self.side = torch.nn.Linear(swin.out_channels[-1], swin.out_channels[-1])
+        torch.nn.init.normal_(self.side.weight, generator=torch.Generator().manual_seed(seed))
+
+    @property
+    def pretrained_swin(self):
+        return self.swin
+
+    def shareable_pass(self) -> str:
+        return "side network"
+
+    def forward(self, images):
+        features = self.shared_pass(images, self.swin) if self.shared_pass is not None else self.swin(images)
+        return self.side(features["res5"].permute(0, 2, 3, 1))
+
+
+def test_a_side_network_of_a_new_method_shares_its_frozen_pass_by_saying_so():
+    from detectors.backbones import build_swin
+    swins = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        swins.append(build_swin("swin_t", **TINY))
+    tasks = [SideNetwork(swin, seed).eval() for seed, swin in enumerate(swins)]
+    batch = torch.rand(2, 3, 64, 96)
+    alone = [model(batch) for model in tasks]
+    shared = share_backbone(tasks)
+    assert tasks[1].swin.patch_embed.proj.weight is tasks[0].swin.patch_embed.proj.weight
+    together = [model(batch) for model in tasks]
+    assert shared.computed == 1 and all(torch.equal(a, b) for a, b in zip(alone, together))
+    assert not torch.equal(together[0], together[1])
