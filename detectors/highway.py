@@ -103,9 +103,10 @@ class _HighwayStageFn(torch.autograd.Function):
 
 class _RecomputedStageFn(torch.autograd.Function):
     """``_HighwayStageFn`` for a whole stage that keeps no frozen tensor: forward runs the stage's frozen
-    blocks itself, one at a time, and returns the highway and the stage's output lane; backward gets the
-    stage's input lane from the trunk (``_FrozenTrunk``) and runs the blocks again, from the random state
-    forward started them with, for the branch outputs it needs."""
+    blocks itself, one at a time, and returns the highway and the stage's output lane; backward runs the
+    blocks again from the stage's input lane (kept, or from the trunk, ``_FrozenTrunk``) and the random
+    state forward started them with, for the branch outputs it needs - or takes those outputs from the
+    trunk where it already ran the stage for a later stage's input."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
@@ -129,15 +130,19 @@ class _RecomputedStageFn(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out, _grad_lane_end):
-        if ctx.keeps_input:
-            images, lane_start, *params = ctx.saved_tensors
-        else:
-            images, *params = ctx.saved_tensors
-            lane_start = ctx.trunk.stage_input(ctx.index, images)
-        with torch.no_grad(), _replaying(ctx.rng, images.device):
-            blocks = ctx.trunk.backbone.layers[ctx.index].blocks
-            inputs = (x for a, m, _ in frozen_blocks(blocks, lane_start) for x in (a, m))
-            grads = _stage_backward(grad_out, inputs, params, None)
+        images, *params = ctx.saved_tensors
+        lane_start = params.pop(0) if ctx.keeps_input else None
+        with torch.no_grad():
+            branches = ctx.trunk.stage_branches(ctx.index)  # where the trunk ran this stage again already
+            if branches is None:
+                if lane_start is None:
+                    lane_start = ctx.trunk.stage_input(ctx.index, images)
+                with _replaying(ctx.rng, images.device):
+                    blocks = ctx.trunk.backbone.layers[ctx.index].blocks
+                    branches = (x for a, m, _ in frozen_blocks(blocks, lane_start) for x in (a, m))
+                    grads = _stage_backward(grad_out, branches, params, None)
+            else:
+                grads = _stage_backward(grad_out, branches, params, None)
         return (None, None, grad_out, None, None, *grads)
 
 
@@ -149,31 +154,49 @@ _KEPT_INPUTS_FROM = 2
 
 
 class _FrozenTrunk:
-    """The frozen backbone's stage inputs for one recomputing pass that forward did not keep, run again
-    once in backward.
+    """What a recomputing pass needs in backward that forward did not keep: a stage's input lane and, for
+    the stages before it, their branch outputs, from one more run of the frozen trunk.
 
-    The first of those stages to run backward runs the frozen trunk again from the images, from the random
-    state forward started with, up to its own input, keeping every stage input on the way (at that point the
-    heads' activations are freed); each earlier stage then takes its own.
+    The first stage without a kept input to run backward runs the frozen trunk again from the images, from
+    the random state forward started with, up to its own input. The earlier stages' branch outputs come
+    from that same run: they are kept until each stage's backward takes them (by then the heads'
+    activations are freed), so no stage runs more than twice in all.
     """
 
     def __init__(self, backbone: SwinBackbone, device: torch.device):
-        self.backbone, self.rng, self.inputs = backbone, _rng_state(device), {}
+        self.backbone, self.rng = backbone, _rng_state(device)
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.branches: dict[int, list[torch.Tensor]] = {}
 
     def stage_input(self, index: int, images: torch.Tensor) -> torch.Tensor:
         if index not in self.inputs:  # a second backward through the same graph recomputes them again
             with torch.no_grad(), _replaying(self.rng, images.device):
-                self.inputs = dict(enumerate(self._stage_inputs(images, index)))
+                self._run_up_to(index, images)
         return self.inputs.pop(index)
 
-    def _stage_inputs(self, images: torch.Tensor, last: int):
+    def stage_branches(self, index: int):
+        """The stage's a_1, m_1, a_2, ... in order, each let go once used; None if not run again yet."""
+        branches = self.branches.pop(index, None)
+        return None if branches is None else _draining(branches)
+
+    def _run_up_to(self, last: int, images: torch.Tensor) -> None:
         lane = self.backbone.embed(images)
         for index, stage in enumerate(self.backbone.layers[:last + 1]):
             lane = stage.downsample(lane)
-            yield lane
-            if index < last:
-                for _, _, lane in frozen_blocks(stage.blocks, lane):
-                    pass
+            if index == last:
+                self.inputs[index] = lane
+                return
+            branches = []
+            for a, m, lane in frozen_blocks(stage.blocks, lane):
+                branches += (a, m)
+            self.branches[index] = branches
+
+
+def _draining(items: list):
+    """Yield the list's items, dropping each from it first, so the list keeps none that were used."""
+    items.reverse()
+    while items:
+        yield items.pop()
 
 
 def _adapter_products(inputs, params, keep: bool):

@@ -206,6 +206,22 @@ def test_recompute_keeps_less_than_half_the_bytes_and_only_in_training():
     assert all(torch.equal(outputs[False][k], outputs[True][k]) for k in outputs[False])
 
 
+def test_recompute_runs_each_frozen_block_twice_per_step(monkeypatch):
+    """Once in forward, once more in backward: no stage is run a third time for a later stage's input."""
+    model = _e3va(recompute=True)
+    calls: dict[int, int] = {}
+    for stage in model.backbone.layers:
+        for block in stage.blocks:
+            def counted(x, branch=block.attention_branch, key=id(block)):
+                calls[key] = calls.get(key, 0) + 1
+                return branch(x)
+            monkeypatch.setattr(block, "attention_branch", counted)
+    out = model(torch.randn(1, 3, 128, 160))
+    sum(v.mean() for v in out.values()).backward()
+    blocks = [block for stage in model.backbone.layers for block in stage.blocks]
+    assert [calls.get(id(block)) for block in blocks] == [2] * len(blocks)
+
+
 # --------------------------------------------------------------------------------------------
 # The fused pieces against plain autograd
 
