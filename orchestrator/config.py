@@ -5,6 +5,7 @@ Errors are one line naming the file, the field and what was expected, e.g.
 """
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -19,11 +20,13 @@ from detectors.upstream import UpstreamSpec
 from orchestrator.gpu_kinds import check_kind
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """A section of a YAML file: an unknown key is an error."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class SyntheticData(_Strict):
+class SyntheticData(Strict):
     """The built-in dataset: coloured shapes with boxes and masks, written once under ``root``."""
     root: Path = Field(Path("outputs/synthetic"), description="where it is written; may name the other fields, e.g. "
                                                              "outputs/shapes-{num_train}, so that datasets of "
@@ -52,7 +55,7 @@ class SyntheticData(_Strict):
                              f"({', '.join(fields)})") from None
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     """Where the data is, and how images are resized. Which fields apply depends on the task
     (``orchestrator.tasks``): detection reads COCO files, semantic segmentation an ADE20K-layout folder."""
     synthetic: SyntheticData | None = None
@@ -95,7 +98,7 @@ class DataConfig(_Strict):
         return list(ADE20K_CLASSES) if self.classes == "ade20k" else self.classes
 
 
-class BackboneConfig(_Strict):
+class BackboneConfig(Strict):
     name: str = "swin_t"
     weights: Path | None = None
     drop_path_rate: float = Field(0.2, ge=0, lt=1)
@@ -116,7 +119,7 @@ class BackboneConfig(_Strict):
         return self.upstream.path if self.upstream is not None else self.weights
 
 
-class TuningConfig(_Strict):
+class TuningConfig(Strict):
     method: str = "e3va"
     hyperparameters: dict[str, Any] = {}
 
@@ -127,7 +130,7 @@ class TuningConfig(_Strict):
         return self
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     task: str | None = Field(None, description="detection or segmentation; default: the task of 'detector'")
     engine: str = Field("torchvision", description="detection: the library that builds the detector")
     detector: str = Field("mask_rcnn", description="the model: mask_rcnn, retinanet, ... or upernet")
@@ -135,7 +138,7 @@ class ModelConfig(_Strict):
     options: dict[str, Any] = {}
 
 
-class ScheduleConfig(_Strict):
+class ScheduleConfig(Strict):
     """AdamW with linear warm-up, then step decays (detection) or poly decay (segmentation), as the papers train."""
     iterations: int | None = Field(None, ge=1)
     epochs: int | None = Field(None, ge=1)
@@ -164,11 +167,11 @@ class ScheduleConfig(_Strict):
         return self
 
 
-class PeriodConfig(_Strict):
+class PeriodConfig(Strict):
     period: int = Field(0, ge=0, description="every this many iterations; 0: only at the end")
 
 
-class ScalingConfig(_Strict):
+class ScalingConfig(Strict):
     workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
@@ -192,14 +195,14 @@ class ScalingConfig(_Strict):
                 **({f"gpu_{self.gpu_kind}": 0.001} if self.gpu_kind else {}), **self.resources}
 
 
-class TrackingConfig(_Strict):
+class TrackingConfig(Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; default: sqlite under output_dir")
     experiment: str = "e3va-detection"
     run_name: str | None = Field(None, description="MLflow run name; default: what it is, e.g. "
                                                    "'e3va-r8 swin_t mask_rcnn'")
 
 
-class StorageConfig(_Strict):
+class StorageConfig(Strict):
     """Where Ray Train keeps the run's state and checkpoints (and a sweep its Tune state)."""
     path: str | None = Field(None, description="a local folder, a folder every node mounts, or a URI "
                                                "(s3://bucket/prefix, gs://...); default: <output_dir>/<name>/ray")
@@ -218,7 +221,7 @@ class StorageConfig(_Strict):
                             region=self.region, probe=probe)
 
 
-class ExperimentConfig(_Strict):
+class ExperimentConfig(Strict):
     name: str = "experiment"
     data: DataConfig
     backbone: BackboneConfig = BackboneConfig()
@@ -237,9 +240,7 @@ class ExperimentConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
-        if not value or any(c in value for c in "/\\"):
-            raise ValueError("must be a non-empty name without slashes")
-        return value
+        return safe_name(value)
 
     @model_validator(mode="after")
     def _fits_its_task(self) -> "ExperimentConfig":
@@ -287,24 +288,44 @@ class ExperimentConfig(_Strict):
         return self.ray_storage().child(self.name)
 
 
+def safe_name(value: str) -> str:
+    """A name that becomes a folder: non-empty, no slashes."""
+    if not value or any(c in value for c in "/\\"):
+        raise ValueError("must be a non-empty name without slashes")
+    return value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"schedule.lr=0.001"`` -> ``("schedule.lr", 0.001)``: what ``--set`` gives, the value read as YAML."""
+    path, sep, text = item.partition("=")
+    if not sep or not path.strip():
+        raise UserInputError(f"--set {item!r}: expected key.path=value")
+    try:
+        return path.strip(), yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise UserInputError(f"--set {item!r}: cannot read the value {text!r}") from None
+
+
+def set_path(raw: dict[str, Any], path: str, value: Any) -> None:
+    """``raw["a"]["b"]["c"] = value`` for ``path`` ``a.b.c``, creating sections on the way."""
+    node = raw
+    keys = path.split(".")
+    for i, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise UserInputError(f"{'.'.join(keys[:i + 1])} is not a section")
+        node = child
+    node[keys[-1]] = copy.deepcopy(value)
+
+
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """``["schedule.lr=0.001", "tuning.hyperparameters.rank=16"]`` applied to a raw config dict."""
     for item in overrides:
-        path, sep, text = item.partition("=")
-        if not sep or not path:
-            raise UserInputError(f"--set {item!r}: expected key.path=value")
+        path, value = parse_override(item)
         try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise UserInputError(f"--set {item!r}: cannot read the value {text!r}") from None
-        node = raw
-        keys = path.split(".")
-        for key in keys[:-1]:
-            child = node.setdefault(key, {})
-            if not isinstance(child, dict):
-                raise UserInputError(f"--set {item!r}: {key} is not a section")
-            node = child
-        node[keys[-1]] = value
+            set_path(raw, path, value)
+        except UserInputError as exc:
+            raise UserInputError(f"--set {item!r}: {exc}") from None
     return raw
 
 

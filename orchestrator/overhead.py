@@ -9,7 +9,6 @@ Ray's own processes as a cluster node would. Tracking is off, so MLflow is not p
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -31,14 +30,12 @@ def _variant(cfg: ExperimentConfig, output_dir: Path, name: str) -> ExperimentCo
 
 
 def measure_overhead(cfg: ExperimentConfig, rounds: int = 2) -> dict:
-    import ray
-
+    from orchestrator.cluster import connect
     from orchestrator.run import build_trainer, preflight
     from orchestrator.train_loop import train_locally
 
     preflight(cfg)
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    connect(dashboard=False, log_to_driver=False)
     rows = []
     with tempfile.TemporaryDirectory(prefix="overhead-") as tmp:
         for round_ in range(rounds):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,14 +19,13 @@ import torch
 from detectors.backbones import SWIN_SPECS, build_swin
 from detectors.backbones.swin import fitting_state_dict
 from detectors.errors import UserInputError
-from detectors.params import count_parameters
+from orchestrator.cluster import check_cluster, check_storage_reach, connect
 from orchestrator.checkpointing import STATE, WEIGHTS, check_identity, newest_checkpoint
 from orchestrator.config import ExperimentConfig, check_inputs_exist
 from orchestrator.console import CONSOLE, TrainingProgress, progress_callback, progress_channel
 from orchestrator.pretrain import checkpoint_for_workers, resolve_upstream
-from orchestrator.storage import Storage
-from orchestrator.tracking import (Tracker, default_uri, describe_run, experiment_id, log_dataset, metrics_callback,
-                                   open_client, system_metrics_monitor, warn_unreachable)
+from orchestrator.tracking import (Tracker, default_uri, metrics_callback, start_mlflow_run,
+                                   system_metrics_monitor)
 from orchestrator.train_loop import config_identity, train_loop_per_worker
 
 
@@ -56,104 +54,6 @@ def preflight(cfg: ExperimentConfig) -> None:
         except UserInputError as exc:
             raise UserInputError(f"backbone.{'upstream' if cfg.backbone.upstream else 'weights'}: {exc}") from None
     cfg.task.check_files(cfg)
-
-
-def check_cluster(cfg: ExperimentConfig, nodes: list[dict]) -> None:
-    """One line, before anything starts, when the cluster's nodes can never hold the run's workers."""
-    need = cfg.scaling.worker_resources()
-    alive = [node["Resources"] for node in nodes if node.get("Alive", True)]
-    fits = sum(min(int(node.get(name, 0) / amount + 1e-9) for name, amount in need.items()) for node in alive)
-    if fits < cfg.scaling.workers:
-        have = sorted({name for node in alive for name in node
-                       if name.startswith("gpu_") or name in ("CPU", "GPU") or name in need})
-        raise UserInputError(f"scaling: {cfg.scaling.workers} workers each needing {need} do not fit this cluster "
-                             f"(room for {fits}; its nodes offer {', '.join(have)}); set scaling.check_cluster=false "
-                             f"if it starts nodes on demand")
-
-
-def check_storage_reach(storage: Storage, nodes: list[dict], need: dict[str, float], driver_node: str, *,
-                        fixed_cluster: bool = True) -> None:
-    """A node-local storage path is refused when a worker may land on a node other than this one:
-    Ray Train's checkpoints (and everything a re-run reads) would stay on that node's disk."""
-    if storage.shared:
-        return
-    others = [node for node in nodes if node.get("Alive", True) and node.get("NodeID") != driver_node
-              and all(node.get("Resources", {}).get(name, 0) > 0 for name in need)]
-    if others or not fixed_cluster:
-        where = f"{len(others)} other node{'s' * (len(others) != 1)}" if fixed_cluster else "nodes started on demand"
-        raise UserInputError(
-            f"{storage.field}: {storage.uri} is on this node's disk, but the workers may land on {where} that "
-            f"cannot see it; set {storage.field} to an s3:// or gs:// URI, or to a folder every node mounts "
-            f"and {storage.field}.shared=true")
-
-
-def _params(cfg: ExperimentConfig) -> dict[str, Any]:
-    count = count_parameters(cfg.backbone.name, cfg.tuning.method, cfg.tuning.hyperparameters,
-                             **cfg.backbone.overrides)
-    return {"method": count.method, "variant": cfg.tuning.method, **count.hyperparameters,
-            "backbone": cfg.backbone.name, "detector": cfg.model.detector, "task": cfg.task.name,
-            **cfg.task.run_params(cfg),
-            "batch_per_worker": cfg.schedule.batch_size, "workers": cfg.scaling.workers,
-            **({"batch_total": sum(cfg.batch_sizes())} if cfg.batch_sizes() else {}), "lr": cfg.schedule.lr,
-            "gpu_kind": cfg.scaling.gpu_kind or ("any gpu" if cfg.scaling.use_gpu else "cpu"),
-            "trainable_params": count.trainable, "trainable_percent": round(count.percent, 4),
-            "backbone_init": backbone_init(cfg), "seed": cfg.seed,
-            **({"train_images": cfg.data.synthetic.num_train} if cfg.data.synthetic is not None else {})}
-
-
-def backbone_init(cfg: ExperimentConfig) -> str:
-    """Where the frozen backbone comes from, in a few words: the upstream pre-training, a file, or a seed."""
-    if cfg.backbone.upstream is not None:
-        return f"upstream {cfg.backbone.upstream.steps} steps s{cfg.backbone.upstream.seed}"
-    if cfg.backbone.weights is not None:
-        return Path(cfg.backbone.weights).name
-    return f"random s{cfg.seed}"
-
-
-MLFLOW_RUN_FILE = "mlflow_run_id"
-
-
-def remembered_run_id(cfg: ExperimentConfig) -> str | None:
-    """The MLflow run this training run logged to before, kept in its storage for any re-run."""
-    storage = cfg.run_storage()
-    text = storage.read_text(storage.path(MLFLOW_RUN_FILE))
-    return text.strip() if text else None
-
-
-def start_mlflow_run(cfg: ExperimentConfig, uri: str, *, parent_run_id: str | None = None,
-                     extra_params: dict[str, Any] | None = None) -> tuple[Any, str | None]:
-    """The MLflow run of this training run: the one it had before when it resumes, else a new one.
-
-    Returns ``(client, None)`` when the tracking server cannot be reached: training goes on.
-    """
-    client, answers = open_client(uri)
-    if not answers:
-        return client, None
-    storage = cfg.run_storage()
-    try:
-        run_id = remembered_run_id(cfg)
-        if run_id is not None and newest_checkpoint(storage, storage.root) is not None:
-            status = client.get_run(run_id).info.status
-            if status == "FINISHED":
-                raise UserInputError(f"{storage.uri} already holds the finished run {run_id}; "
-                                     f"give the experiment another name (--set name=...) or output_dir")
-            client.update_run(run_id, "RUNNING")
-            CONSOLE.say(f"resuming MLflow run {run_id} (was {status})")
-            return client, run_id
-        name, tags = describe_run(cfg)
-        if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
-        run = client.create_run(experiment_id(client, cfg.tracking.experiment, uri), run_name=name, tags=tags)
-        for key, value in {**_params(cfg), **(extra_params or {})}.items():
-            client.log_param(run.info.run_id, key, value)
-        log_dataset(client, run.info.run_id, cfg, cfg.task.dataset_paths(cfg))
-        storage.write_text(storage.path(MLFLOW_RUN_FILE), run.info.run_id)
-        return client, run.info.run_id
-    except UserInputError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - tracking must never stop training
-        warn_unreachable(uri, str(exc).splitlines()[0])
-        return client, None
 
 
 def build_trainer(cfg: ExperimentConfig, uri: str | None, run_id: str | None, *, fail_at_step: int | None = None,
@@ -215,9 +115,7 @@ def run_experiment(cfg: ExperimentConfig, fail_at_step: int | None = None, *,
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run_dir / "experiment.yaml"
     resolved.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
-    if not ray.is_initialized():
-        # Ray turns SIGTERM (``ray job stop``, a scheduler) into SystemExit: the run ends as KILLED.
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
+    connect(dashboard=False)  # Ray turns SIGTERM (``ray job stop``, a scheduler) into SystemExit: a KILLED run
     nodes = ray.nodes()
     if cfg.scaling.check_cluster:
         check_cluster(cfg, nodes)
@@ -308,5 +206,4 @@ def _log_results(client, run_id: str, result, resolved: Path, run_dir: Path) -> 
             client.log_artifact(run_id, str(Path(directory) / STATE), "checkpoint")
 
 
-__all__ = ["run_experiment", "build_trainer", "start_mlflow_run", "preflight", "check_storage_reach",
-           "remembered_run_id", "RunFailedError"]
+__all__ = ["run_experiment", "build_trainer", "preflight", "RunFailedError"]

@@ -150,6 +150,7 @@ def serve_tasks(sources: Sequence[str], *, host: str = "127.0.0.1", port: int = 
                 score_threshold: float = 0.5, weights: str | None = None, tracking_uri: str | None = None) -> None:
     """Serve the tasks until interrupted (Ctrl-C or SIGTERM), on local Ray or the cluster at $RAY_ADDRESS."""
     import ray
+    from orchestrator.cluster import connect
     from orchestrator.console import CONSOLE
     from orchestrator.trained import load_tasks
     from orchestrator.use import print_storage
@@ -158,7 +159,7 @@ def serve_tasks(sources: Sequence[str], *, host: str = "127.0.0.1", port: int = 
                              "--max-image-mb above 0")
     tasks, shared = load_tasks(sources, weights=weights, tracking_uri=tracking_uri)
     print_storage(tasks)
-    ray.init(ignore_reinit_error=True)
+    connect()
     try:
         serve.start(http_options={"host": host, "port": port})
         server = TaskServer.options(num_replicas=replicas,

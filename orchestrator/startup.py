@@ -49,10 +49,10 @@ def write_coco_sized(folder: str | Path, train: tuple[int, int] = COCO_TRAIN, va
              for split in ("train", "val") for kind in ("images", "json")}
     if _manifest_matches(folder / "coco_manifest.json", params):
         return paths
-    for index, (split, (images, annotations)) in enumerate((("train", train), ("val", val))):
+    for index, (split, (images, annotation_count)) in enumerate((("train", train), ("val", val))):
         rng = np.random.default_rng([seed, index])
         shapes = [_SHAPES[i] for i in rng.integers(len(_SHAPES), size=images)]
-        _write_coco_json(Path(paths[f"{split}_json"]), rng, shapes, annotations)
+        _write_coco_json(Path(paths[f"{split}_json"]), rng, shapes, annotation_count)
         image_dir = Path(paths[f"{split}_images"])
         image_dir.mkdir(parents=True, exist_ok=True)
         for image_id in range(1, images + 1):

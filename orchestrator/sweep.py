@@ -30,12 +30,13 @@ import time
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from detectors.errors import UserInputError
+from orchestrator.cluster import check_resources, check_state_api, check_storage_reach, connect
 from orchestrator.console import CONSOLE
-from orchestrator.config import (ExperimentConfig, apply_overrides, describe_error, read_yaml_mapping,
-                                 validate_experiment)
+from orchestrator.config import (ExperimentConfig, Strict, apply_overrides, describe_error, read_yaml_mapping,
+                                 safe_name, set_path, validate_experiment)
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 # Set per trial by the sweep itself.
@@ -49,11 +50,7 @@ HEAD_NODE = "node:__internal_head__"  # Ray's resource of the head node
 EVERY_REPORT = ("lr", "seconds_per_iteration", "step", "epoch")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Dimension(_Strict):
+class Dimension(Strict):
     """One searched field: exactly one of a grid, a random choice or a random range."""
     grid: list[Any] | None = Field(None, min_length=1, description="every value, one trial each (x num_samples)")
     choice: list[Any] | None = Field(None, min_length=1, description="one value at random per sample")
@@ -102,7 +99,7 @@ class Dimension(_Strict):
         return f"{name} {json.dumps(getattr(self, name))}"
 
 
-class AshaConfig(_Strict):
+class AshaConfig(Strict):
     """ASHA early stopping on a metric the training loop reports (e.g. train/loss, val/bbox/AP)."""
     metric: str
     mode: Literal["min", "max"] | None = Field(None, description="default: max for val/*, min otherwise")
@@ -130,7 +127,7 @@ def _refuse_reserved(keys, verb: str, prefix: str = "") -> None:
             raise ValueError(f"{prefix}{key}: set by the sweep for each trial; it cannot be {verb}")
 
 
-class SweepConfig(_Strict):
+class SweepConfig(Strict):
     name: str | None = Field(None, description="default: the sweep file's name")
     base: Path = Field(description="the base experiment YAML, relative to the sweep file")
     overrides: dict[str, Any] = Field({}, description="dotted path -> value, applied to the base experiment")
@@ -177,9 +174,7 @@ class SweepConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str | None) -> str | None:
-        if value is not None and (not value or any(c in value for c in "/\\")):
-            raise ValueError("must be a non-empty name without slashes")
-        return value
+        return value if value is None else safe_name(value)
 
     @field_validator("space")
     @classmethod
@@ -260,18 +255,6 @@ def _default_uri(base: ExperimentConfig) -> str:
 
 
 # ----------------------------------------------------------------------------- loading and checks
-
-def set_path(raw: dict[str, Any], path: str, value: Any) -> None:
-    """``raw["a"]["b"]["c"] = value`` for ``path`` ``a.b.c``, creating sections on the way."""
-    node = raw
-    keys = path.split(".")
-    for i, key in enumerate(keys[:-1]):
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise UserInputError(f"{'.'.join(keys[:i + 1])} is not a section")
-        node = child
-    node[keys[-1]] = copy.deepcopy(value)
-
 
 def trial_raw(base_raw: dict[str, Any], values: dict[str, Any], name: str, output_dir: Path,
               tracking_uri: str, per_method: dict[str, dict[str, Any]] | None = None,
@@ -399,59 +382,6 @@ def _check_asha(sweep: Sweep, configs: list[ExperimentConfig]) -> None:
                                  f"{max_t} iterations")
 
 
-def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
-    s = cfg.scaling
-    per_worker = {"CPU": s.cpus_per_worker}
-    if s.use_gpu:
-        per_worker["GPU"] = s.gpus_per_worker
-    return per_worker
-
-
-def check_resources(sweep: Sweep, configs: Sequence[ExperimentConfig]) -> int:
-    """Each trial's workers must fit this Ray cluster; returns how many trials fit at once."""
-    import ray
-    from orchestrator.run import check_cluster
-    total = ray.cluster_resources()
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    fits_at_once = None
-    for cfg in configs:
-        s = cfg.scaling
-        per_worker = trial_resources(cfg)
-        fields = {"CPU": "scaling.cpus_per_worker", "GPU": "scaling.gpus_per_worker"}
-        for kind, amount in per_worker.items():
-            biggest = max((n.get(kind, 0) for n in nodes), default=0)
-            if amount > biggest:
-                raise UserInputError(f"{sweep.path}: a trial worker needs {amount:g} {kind} "
-                                     f"({fields[kind]}) but no node of this Ray cluster has more than {biggest:g}")
-            need = amount * s.workers
-            if need > total.get(kind, 0):
-                raise UserInputError(f"{sweep.path}: a trial needs {s.workers} workers x {amount:g} {kind} = "
-                                     f"{need:g} {kind} (scaling.workers, {fields[kind]}) but this Ray cluster has "
-                                     f"{total.get(kind, 0):g}")
-            at_once = int(total.get(kind, 0) // need)
-            fits_at_once = at_once if fits_at_once is None else min(fits_at_once, at_once)
-        if s.check_cluster:  # the GPU kind and custom resources too, node by node
-            try:
-                check_cluster(cfg, ray.nodes())
-            except UserInputError as exc:
-                raise UserInputError(f"{sweep.path}: a {cfg.tuning.method} trial: {exc}") from None
-    return max(fits_at_once or 1, 1)
-
-
-def check_state_api(sweep: Sweep) -> None:
-    """Tune kills a trial ASHA stops; Train's placement-group cleaner then needs the state API to
-    notice, or the trial's reserved CPUs and GPUs are never given back and later trials wait forever."""
-    from ray.util.state import list_actors
-    try:
-        list_actors(limit=1, timeout=10, raise_on_missing_output=False)
-    except Exception as exc:  # noqa: BLE001
-        raise UserInputError(
-            f"{sweep.path}: asha: stopping trials early needs the Ray dashboard (its state API frees a stopped "
-            f"trial's workers), and this Ray cluster has none ({str(exc).strip().splitlines()[0][:120]}); "
-            f"start it with the dashboard (ray start --include-dashboard=true, ray.init(include_dashboard=True))"
-        ) from None
-
-
 # ----------------------------------------------------------------------------- the trials
 
 def _short(value: Any) -> str:
@@ -496,7 +426,7 @@ def _finished_before(cfg: ExperimentConfig) -> dict[str, Any] | None:
     """The last report of this trial's run if that run already finished (the sweep was stopped between
     the run's end and Tune hearing of it): a restored trial then reports it again instead of retraining."""
     from mlflow.tracking import MlflowClient
-    from orchestrator.run import remembered_run_id
+    from orchestrator.tracking import remembered_run_id
     storage = cfg.run_storage()
     run_id, last = remembered_run_id(cfg), storage.read_json(storage.path(LAST_REPORT))
     if run_id is None or last is None or not cfg.tracking.uri:
@@ -637,7 +567,7 @@ def _close_children(client, sweep: Sweep, results, interrupted: bool, max_t: int
     A trial finished when its MLflow run did (``run_experiment`` got to its end). A trial Tune ended
     without an error before that was stopped early by ASHA, unless the whole sweep was interrupted.
     """
-    from orchestrator.run import remembered_run_id
+    from orchestrator.tracking import remembered_run_id
     counts = {"finished": 0, "stopped early": 0, "failed": 0, "unfinished": 0}
     for result in results:
         name = result.path.rstrip("/").rsplit("/", 1)[-1]
@@ -679,13 +609,11 @@ def run_sweep(sweep: Sweep, compare: bool = True) -> dict[str, Any]:
     import ray
     from ray import tune
 
-    if not ray.is_initialized():
-        # The dashboard serves the state API, through which Train frees the workers of a stopped trial.
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=True, log_to_driver=True)
+    connect(dashboard=True)  # its state API is how Train frees the workers of a trial ASHA stopped
     configs = sweep.configs
-    fits = check_resources(sweep, configs)
+    fits = check_resources(sweep.path, configs)
     if sweep.cfg.asha is not None:
-        check_state_api(sweep)
+        check_state_api(sweep.path)
     from orchestrator.run import preflight
     seen = set()
     for cfg in configs:  # data and weights of each distinct setup, once (writes the synthetic data once)
@@ -694,7 +622,6 @@ def run_sweep(sweep: Sweep, compare: bool = True) -> dict[str, Any]:
         if key not in seen:
             seen.add(key)
             preflight(cfg)
-    from orchestrator.run import check_storage_reach
     nodes, here = ray.nodes(), ray.get_runtime_context().get_node_id()
     for cfg in configs:  # the trials' workers may land on other nodes; their storage must reach them
         check_storage_reach(cfg.ray_storage(), nodes, cfg.scaling.worker_resources(), here,
@@ -782,4 +709,4 @@ def _terminate(client, run_id: str, status: str) -> None:
         CONSOLE.warn(f"MLflow tracking failed ({str(exc).splitlines()[0]})")
 
 
-__all__ = ["load_sweep", "run_sweep", "SweepConfig", "Dimension", "AshaConfig", "check_resources"]
+__all__ = ["load_sweep", "run_sweep", "SweepConfig", "Dimension", "AshaConfig"]

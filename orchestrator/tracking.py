@@ -14,7 +14,14 @@ import time
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from detectors.errors import UserInputError
+from detectors.params import count_parameters
+from orchestrator.checkpointing import newest_checkpoint
+
+if TYPE_CHECKING:
+    from orchestrator.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
 
@@ -185,3 +192,75 @@ def metrics_callback(uri: str, run_id: str, logged_through: int = 0):
                 self.logged_through = step
 
     return MlflowMetrics()
+
+
+# ----------------------------------------------------------------------------- a training run's MLflow run
+
+def run_params(cfg: ExperimentConfig) -> dict[str, Any]:
+    count = count_parameters(cfg.backbone.name, cfg.tuning.method, cfg.tuning.hyperparameters,
+                             **cfg.backbone.overrides)
+    return {"method": count.method, "variant": cfg.tuning.method, **count.hyperparameters,
+            "backbone": cfg.backbone.name, "detector": cfg.model.detector, "task": cfg.task.name,
+            **cfg.task.run_params(cfg),
+            "batch_per_worker": cfg.schedule.batch_size, "workers": cfg.scaling.workers,
+            **({"batch_total": sum(cfg.batch_sizes())} if cfg.batch_sizes() else {}), "lr": cfg.schedule.lr,
+            "gpu_kind": cfg.scaling.gpu_kind or ("any gpu" if cfg.scaling.use_gpu else "cpu"),
+            "trainable_params": count.trainable, "trainable_percent": round(count.percent, 4),
+            "backbone_init": backbone_init(cfg), "seed": cfg.seed,
+            **({"train_images": cfg.data.synthetic.num_train} if cfg.data.synthetic is not None else {})}
+
+
+def backbone_init(cfg: ExperimentConfig) -> str:
+    """Where the frozen backbone comes from, in a few words: the upstream pre-training, a file, or a seed."""
+    if cfg.backbone.upstream is not None:
+        return f"upstream {cfg.backbone.upstream.steps} steps s{cfg.backbone.upstream.seed}"
+    if cfg.backbone.weights is not None:
+        return Path(cfg.backbone.weights).name
+    return f"random s{cfg.seed}"
+
+
+MLFLOW_RUN_FILE = "mlflow_run_id"
+
+
+def remembered_run_id(cfg: ExperimentConfig) -> str | None:
+    """The MLflow run this training run logged to before, kept in its storage for any re-run."""
+    storage = cfg.run_storage()
+    text = storage.read_text(storage.path(MLFLOW_RUN_FILE))
+    return text.strip() if text else None
+
+
+def start_mlflow_run(cfg: ExperimentConfig, uri: str, *, parent_run_id: str | None = None,
+                     extra_params: dict[str, Any] | None = None) -> tuple[Any, str | None]:
+    """The MLflow run of this training run: the one it had before when it resumes, else a new one.
+
+    Returns ``(client, None)`` when the tracking server cannot be reached: training goes on.
+    """
+    from orchestrator.console import CONSOLE
+    client, answers = open_client(uri)
+    if not answers:
+        return client, None
+    storage = cfg.run_storage()
+    try:
+        run_id = remembered_run_id(cfg)
+        if run_id is not None and newest_checkpoint(storage, storage.root) is not None:
+            status = client.get_run(run_id).info.status
+            if status == "FINISHED":
+                raise UserInputError(f"{storage.uri} already holds the finished run {run_id}; "
+                                     f"give the experiment another name (--set name=...) or output_dir")
+            client.update_run(run_id, "RUNNING")
+            CONSOLE.say(f"resuming MLflow run {run_id} (was {status})")
+            return client, run_id
+        name, tags = describe_run(cfg)
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = client.create_run(experiment_id(client, cfg.tracking.experiment, uri), run_name=name, tags=tags)
+        for key, value in {**run_params(cfg), **(extra_params or {})}.items():
+            client.log_param(run.info.run_id, key, value)
+        log_dataset(client, run.info.run_id, cfg, cfg.task.dataset_paths(cfg))
+        storage.write_text(storage.path(MLFLOW_RUN_FILE), run.info.run_id)
+        return client, run.info.run_id
+    except UserInputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - tracking must never stop training
+        warn_unreachable(uri, str(exc).splitlines()[0])
+        return client, None

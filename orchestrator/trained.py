@@ -127,6 +127,11 @@ def _unique_names(tasks: list[TrainedTask]) -> None:
             task.name = f"{task.name}-{index + 1}"
 
 
+def mlflow_run_id(source: str) -> str | None:
+    """``runs:/<run_id>[/...]`` -> the run id; None for a path."""
+    return source.removeprefix("runs:/").strip("/").split("/")[0] if source.startswith("runs:/") else None
+
+
 def _locate(source: str, tracking_uri: str | None) -> tuple[Path, Path]:
     """(experiment file, checkpoint directory) of ``source``."""
     if source.startswith("runs:/"):
@@ -176,7 +181,7 @@ def _run_checkpoint(run_dir: Path) -> Path:
 def _download_run(source: str, tracking_uri: str | None) -> tuple[Path, Path]:
     import mlflow
     from mlflow.exceptions import MlflowException
-    run_id = source.removeprefix("runs:/").strip("/").split("/")[0]
+    run_id = mlflow_run_id(source)
     destination = Path(tempfile.mkdtemp(prefix=f"e3va-run-{run_id[:8]}-"))
     try:
         client = mlflow.tracking.MlflowClient(tracking_uri)

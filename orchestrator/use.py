@@ -20,7 +20,7 @@ from tabulate import tabulate
 
 from detectors.errors import UserInputError
 from orchestrator.console import CONSOLE
-from orchestrator.trained import TrainedTask, load_tasks, load_trained
+from orchestrator.trained import TrainedTask, load_tasks, load_trained, mlflow_run_id
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -79,20 +79,17 @@ def computing_as_trained(task: TrainedTask) -> Iterator[None]:
 
 
 def _default_evaluation_file(source: str) -> Path:
-    if source.startswith("runs:/"):
-        return Path(f"evaluation-{source.removeprefix('runs:/').strip('/').split('/')[0]}.json")
-    return Path(source) / "evaluation-again.json"
+    run_id = mlflow_run_id(source)
+    return Path(f"evaluation-{run_id}.json") if run_id else Path(source) / "evaluation-again.json"
 
 
 def _log_to_run(source: str, tracking_uri: str | None, figures: dict[str, float]) -> None:
     """The figures into the run they came from, as ``evaluate_bbox_AP``..., beside its ``val_`` ones."""
     from orchestrator.tracking import Tracker
-    if source.startswith("runs:/"):
-        run_id, uri = source.removeprefix("runs:/").strip("/").split("/")[0], tracking_uri
-    else:
+    run_id, uri = mlflow_run_id(source), tracking_uri
+    if run_id is None:
         from orchestrator.config import load_experiment
-        from orchestrator.run import remembered_run_id
-        from orchestrator.tracking import default_uri
+        from orchestrator.tracking import default_uri, remembered_run_id
         from orchestrator.trained import experiment_of
         cfg = load_experiment(experiment_of(Path(source)))
         uri = tracking_uri or cfg.tracking.uri or default_uri(cfg.run_dir.resolve())

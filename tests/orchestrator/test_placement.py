@@ -12,7 +12,7 @@ from conftest import local_ray_cluster  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from orchestrator.config import load_experiment  # noqa: E402
-from orchestrator.run import check_cluster  # noqa: E402
+from orchestrator.cluster import check_cluster  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[2] / "experiments" / "tiny.yaml"
 # the simulated nodes share this machine's disk: storage.shared says so (else the run is refused)
