@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import os
 import resource
 import statistics
 import sys
@@ -210,16 +211,21 @@ def train_locally(cfg: ExperimentConfig) -> dict:
     return _train(cfg, _Hooks())
 
 
-# Ray Train (2.x) takes one report per worker each time its controller polls, every 2 s: a worker
-# reporting more often waits in ``ray.train.report``, so steps faster than that would each take 2 s.
-# Fast steps are therefore reported in bundles (every step's figures still reach MLflow).
-REPORT_SECONDS = 2.5
+# Ray Train (2.x) takes one report per worker each time its controller polls (every
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s unless set): a worker reporting more often waits in
+# ``ray.train.report``, so faster steps would each take that long. They are therefore reported in
+# bundles of a little more than one poll interval (every step's figures still reach MLflow).
+POLL_INTERVAL_VARIABLE = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 MAX_STEPS_PER_REPORT = 100
+
+
+def report_seconds() -> float:
+    return 1.25 * float(os.environ.get(POLL_INTERVAL_VARIABLE, 2.0))
 
 
 def steps_per_report(step_seconds: float) -> int:
     """How many steps of this duration one report may cover (at least one)."""
-    return max(1, min(MAX_STEPS_PER_REPORT, math.ceil(REPORT_SECONDS / max(step_seconds, 1e-3))))
+    return max(1, min(MAX_STEPS_PER_REPORT, math.ceil(report_seconds() / max(step_seconds, 1e-3))))
 
 
 def loader_workers(cfg: ExperimentConfig, device: torch.device) -> int:

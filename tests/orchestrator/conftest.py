@@ -9,6 +9,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+# Ray Train's controller polls its workers every 2 s by default, and a run waits for it at the start, at
+# each report and at the end; the tiny runs here poll every 0.5 s (the train loop bundles reports to suit).
+# Every Ray the tests start, in this process or in a command's, inherits it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
 
 def free_port() -> int:
     with socket.socket() as sock:

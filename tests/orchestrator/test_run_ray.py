@@ -158,35 +158,3 @@ def test_a_user_error_inside_a_worker_reaches_the_command_line_as_one_line():
     assert str(worker_user_error(as_text)) == "data: broken"
     assert worker_user_error(WorkerGroupError("", {0: RuntimeError("out of memory")})) is None
 
-
-def test_a_stopped_run_is_continued_by_running_the_command_again(tmp_path):
-    """SIGTERM (``ray job stop``, a scheduler) ends the MLflow run as KILLED; the same command then
-    resumes from the newest checkpoint into the same MLflow run and finishes it."""
-    import signal
-    import time
-    args = [sys.executable, "-m", "orchestrator", "run", str(DEMO), *sum((["--set", s] for s in FAST), []),
-            "--set", "schedule.iterations=8", "--set", f"output_dir={tmp_path}",
-            "--set", f"data.synthetic.root={tmp_path}/synthetic"]
-    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 600
-    while not list((tmp_path / "tiny" / "ray").glob("**/trainable.safetensors")):
-        assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()[-3000:]
-        time.sleep(0.5)
-    first.send_signal(signal.SIGTERM)
-    output = first.communicate(timeout=300)[0]
-    assert first.returncode != 0, output[-3000:]
-    client, run = only_run(f"sqlite:///{tmp_path}/mlflow.db", "e3va-tiny")
-    assert run.info.status == "KILLED"
-
-    second = subprocess.run(args, capture_output=True, text=True, timeout=900)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resuming from step" in second.stdout + second.stderr
-    assert "AP50" in second.stdout and "bbox" in second.stdout and "checkpoint: " in second.stdout  # the run's table
-    lines = (second.stdout + second.stderr).splitlines()
-    assert len(lines) <= 40 and sum("resuming from step" in line for line in lines) == 1, "\n".join(lines)
-    shown = [line.split()[1] for line in lines if line.startswith("step ")]
-    assert shown and len(shown) == len(set(shown)) and shown[-1] == "8/8", "\n".join(lines)  # rank 0's, once each
-    client, resumed = only_run(f"sqlite:///{tmp_path}/mlflow.db", "e3va-tiny")
-    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
-    steps = {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")}
-    assert steps == set(range(1, 9))

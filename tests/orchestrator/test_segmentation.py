@@ -112,10 +112,10 @@ def test_a_sweep_of_two_e3va_ranks_ends_with_two_children_holding_mIoU_and_compa
                                                                                               capsys):
     from orchestrator.sweep import load_sweep, run_sweep
     spec = {"name": "ranks", "base": str(TINY), "overrides": {"tracking.experiment": "segmentation-ranks"},
-            "space": {"tuning.hyperparameters.rank": {"grid": [4, 8]}}, "max_concurrent_trials": 1}
+            "space": {"tuning.hyperparameters.rank": {"grid": [4, 8]}}, "max_concurrent_trials": 2}
     path = tmp_path / "ranks.yaml"
     path.write_text(yaml.safe_dump(spec))
-    sweep = load_sweep(path, ["schedule.iterations=6", "checkpoint.period=3", "data.synthetic.num_train=8",
+    sweep = load_sweep(path, ["schedule.iterations=2", "checkpoint.period=0", "data.synthetic.num_train=8",
                               "data.synthetic.num_val=4", f"output_dir={tmp_path}",
                               f"data.synthetic.root={tmp_path}/synthetic"])
     outcome = run_sweep(sweep)
@@ -205,10 +205,16 @@ def test_a_detection_experiment_with_a_segmentation_field_fails_in_one_line(tmp_
     assert "data.crop_size: a segmentation field, but this experiment's task is detection" in capsys.readouterr().err
 
 
-def test_fast_steps_share_a_report_and_slow_ones_report_alone():
-    from orchestrator.train_loop import MAX_STEPS_PER_REPORT, REPORT_SECONDS, steps_per_report
-    assert steps_per_report(REPORT_SECONDS * 2) == 1 and steps_per_report(REPORT_SECONDS) == 1
-    assert steps_per_report(REPORT_SECONDS / 10) == 10 and steps_per_report(0.0) == MAX_STEPS_PER_REPORT
+@pytest.mark.parametrize("poll_interval, bundle_seconds", [(None, 2.5), ("0.4", 0.5)])
+def test_fast_steps_share_a_report_and_slow_ones_report_alone(monkeypatch, poll_interval, bundle_seconds):
+    """A report covers a little more than one of Ray Train's poll intervals (2 s unless set)."""
+    from orchestrator.train_loop import MAX_STEPS_PER_REPORT, POLL_INTERVAL_VARIABLE, steps_per_report
+    if poll_interval is None:
+        monkeypatch.delenv(POLL_INTERVAL_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(POLL_INTERVAL_VARIABLE, poll_interval)
+    assert steps_per_report(bundle_seconds * 2) == 1 and steps_per_report(bundle_seconds) == 1
+    assert steps_per_report(bundle_seconds / 10) == 10 and steps_per_report(0.0) == MAX_STEPS_PER_REPORT
 
 
 def test_poly_decay_follows_the_warm_up_to_zero_at_the_last_iteration():

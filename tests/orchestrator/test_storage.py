@@ -115,17 +115,20 @@ def test_a_worker_failure_resumes_from_the_newest_checkpoint_in_s3_logging_each_
     assert not any(S3_SECRET in str(v) for v in [*run.data.params.values(), *run.data.tags.values()])
 
 
-def test_a_killed_driver_run_again_resumes_from_s3_and_logs_each_step_once(s3, tmp_path):
-    """SIGKILL after steps past a checkpoint were logged: those steps run again, but MLflow holds each once."""
-    iterations, period = 24, 4  # long enough that the kill lands mid-run however fast the steps go
+def test_a_stopped_run_continues_from_s3_when_run_again_and_logs_each_step_once(s3, tmp_path):
+    """SIGTERM (``ray job stop``, a scheduler) after steps past a checkpoint were logged ends the MLflow run as
+    KILLED; the same command then resumes from the newest checkpoint in S3 into the same MLflow run. The steps
+    past the checkpoint run again, but MLflow and the terminal hold each once."""
+    # stopped just after the first odd step past a checkpoint is in MLflow, with steps left to run
+    iterations, period = 12, 2
     args = [sys.executable, "-m", "orchestrator", "run", str(DEMO), *sum((["--set", s] for s in FAST), []),
             "--set", f"schedule.iterations={iterations}", "--set", f"checkpoint.period={period}",
-            *sum((["--set", s] for s in places(tmp_path, "killed")), [])]
+            *sum((["--set", s] for s in places(tmp_path, "stopped")), [])]
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 600
     while True:  # until a step past a checkpoint is in MLflow
-        assert first.poll() is None and time.monotonic() < deadline
+        assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()[-3000:]
         try:
             newest = max(train_loss_steps(uri)[0], default=0)
             if newest > period and newest % period:
@@ -133,19 +136,23 @@ def test_a_killed_driver_run_again_resumes_from_s3_and_logs_each_step_once(s3, t
         except (AttributeError, ValueError, Exception):  # noqa: B014 - the store is still being created
             pass
         time.sleep(0.2)
-    import os
-    os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
-    first.wait(timeout=60)
-    logged_before = train_loss_steps(uri)[0]
-    assert logged_before[-1] < iterations
+    first.send_signal(signal.SIGTERM)
+    output = first.communicate(timeout=300)[0]
+    assert first.returncode != 0, output[-3000:]
+    logged_before, stopped = train_loss_steps(uri)
+    assert logged_before[-1] < iterations and stopped.info.status == "KILLED"
 
     second = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
-    resumed = re.search(r"resuming from step (\d+)", second.stdout + second.stderr)
-    assert resumed, second.stdout[-3000:]
-    assert int(resumed.group(1)) % period == 0 and period <= int(resumed.group(1)) <= logged_before[-1]
+    lines = (second.stdout + second.stderr).splitlines()
+    resumed = [re.search(r"resuming from step (\d+)", line) for line in lines]
+    resumed = [int(m.group(1)) for m in resumed if m]
+    assert len(resumed) == 1 and resumed[0] % period == 0 and period <= resumed[0] <= logged_before[-1], lines
+    assert len(lines) <= 40 and "AP50" in second.stdout and "checkpoint: " in second.stdout, "\n".join(lines)
+    shown = [line.split()[1] for line in lines if line.startswith("step ")]
+    assert shown and len(shown) == len(set(shown)) and shown[-1] == f"{iterations}/{iterations}", "\n".join(lines)
     steps, run = train_loss_steps(uri)
-    assert run.info.status == "FINISHED"
+    assert run.info.run_id == stopped.info.run_id and run.info.status == "FINISHED"
     assert steps == list(range(1, iterations + 1)), steps
 
 

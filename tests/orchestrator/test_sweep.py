@@ -1,4 +1,8 @@
 """Ray Tune sweeps of real tiny training runs on local Ray (CPU), tracked as nested MLflow runs."""
+import collections
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,17 +49,23 @@ def ray_local():
     ray.shutdown()
 
 
+INCLUDED = {"tuning": {"hyperparameters": {"rank": 4}}, "seed": 7}  # a control beside the grid, its own seed
+
+
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, ray_local):
-    """Four tiny trials (learning rate x rank), ASHA on train/loss. One at a time: ASHA's verdict on a
+def swept(tmp_path_factory):
+    """Four tiny trials (learning rate x rank) and one included trial with another seed, ASHA on train/loss,
+    through the command with its own local Ray, as a person runs it. One at a time: ASHA's verdict on a
     trial depends on which trials reached its rung before it, and in grid order a good learning rate
     always comes before a bad one, so a bad trial is always judged against a good one."""
     tmp = tmp_path_factory.mktemp("sweep")
     path = write_sweep(tmp, asha={"metric": "train/loss", "mode": "min", "grace_period": 1, "reduction_factor": 2},
-                       max_concurrent_trials=1)
-    sweep = load_sweep(path, TINY + places(tmp))
-    outcome = run_sweep(sweep)
-    return tmp, path, sweep, outcome
+                       max_concurrent_trials=1, include=[INCLUDED])
+    result = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(path),
+                             *sum((["--set", item] for item in TINY + places(tmp)), [])],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp, path, (result.stdout + result.stderr).splitlines(), recorded_outcome(f"sqlite:///{tmp}/mlflow.db")
 
 
 def children(outcome) -> list:
@@ -65,17 +75,28 @@ def children(outcome) -> list:
                               filter_string=f"tags.mlflow.parentRunId = '{outcome['parent_run_id']}'")
 
 
+def recorded_outcome(tracking_uri: str) -> dict:
+    """What ``run_sweep`` returns, read back from MLflow: the parent run and how each child ended."""
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    outcome = {"tracking_uri": tracking_uri, "parent_run_id": parent.info.run_id}
+    return {**outcome, "counts": collections.Counter(r.data.tags.get("sweep.outcome") for r in children(outcome))}
+
+
 def test_each_trial_is_a_child_mlflow_run_of_one_parent_and_compare_tabulates_and_plots_them(swept, tmp_path, capsys):
     from PIL import Image
-    tmp, path, sweep, outcome = swept
-    assert outcome["tracking_uri"] == f"sqlite:///{tmp}/mlflow.db"
-    assert len(outcome["results"]) == 4 and outcome["counts"]["failed"] == 0
+    tmp, path, lines, outcome = swept
+    assert outcome["counts"]["failed"] == 0
     runs = children(outcome)
-    assert len(runs) == 4
-    varied = sorted((r.data.params["schedule.lr"], r.data.params["tuning.hyperparameters.rank"]) for r in runs)
+    assert len(runs) == 5
+    grid = [r for r in runs if r.data.params["seed"] == "0"]
+    varied = sorted((r.data.params["schedule.lr"], r.data.params["tuning.hyperparameters.rank"]) for r in grid)
     assert varied == sorted((str(lr), str(rank)) for lr in (GOOD_LR, BAD_LR) for rank in (4, 8))
     names = {r.info.run_name for r in runs}
-    assert len(names) == 4 and all(n.startswith("tiny-") for n in names)
+    assert len(names) == 5 and all(n.startswith("tiny-") for n in names)
+    (included,) = [r for r in runs if r.data.params["seed"] == "7"]
+    assert included.info.run_name == "tiny-seed=7-rank=4" and included.data.params["tuning.hyperparameters.rank"] == "4"
     for run in runs:  # own output dir and checkpoints per trial, the trial's final metrics in its run
         assert (tmp / "tiny" / "trials" / run.info.run_name / "ray").is_dir()
         assert "train_loss" in run.data.metrics and run.data.params["method"] == "e3va"
@@ -98,28 +119,40 @@ def test_each_trial_is_a_child_mlflow_run_of_one_parent_and_compare_tabulates_an
 
 
 def test_asha_stops_a_trial_whose_learning_rate_blows_the_loss_up(swept):
-    tmp, path, sweep, outcome = swept
+    tmp, path, lines, outcome = swept
     client = MlflowClient(outcome["tracking_uri"])
     steps = {run.info.run_id: max(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
              for run in children(outcome)}
     stopped = [r for r in children(outcome) if r.data.tags["sweep.outcome"] == "stopped early"]
-    assert stopped and outcome["counts"]["stopped early"] == len(stopped)
+    assert stopped
     assert all(r.info.status == "KILLED" for r in stopped)
     # ASHA keeps the better half at each rung, so a good trial can be stopped too (its loss is close to
     # the other good one's); a bad one always is. Tune's stop reaches a trial asynchronously, so a stopped
     # trial may get a step or two further before it ends.
-    assert any(r.data.params["schedule.lr"] == str(BAD_LR) and steps[r.info.run_id] < ITERATIONS for r in stopped), \
-        [(r.data.params["schedule.lr"], steps[r.info.run_id]) for r in stopped]
+    # (the included trial runs at the experiment's own rate: it has no schedule.lr param of its own)
+    assert any(r.data.params.get("schedule.lr") == str(BAD_LR) and steps[r.info.run_id] < ITERATIONS
+               for r in stopped), [(r.data.params.get("schedule.lr"), steps[r.info.run_id]) for r in stopped]
     for run in children(outcome):
         if run.data.tags["sweep.outcome"] == "finished":
             assert steps[run.info.run_id] == ITERATIONS and run.info.status == "FINISHED"
 
 
-def test_running_the_sweep_again_restores_it_and_keeps_its_parent_run(swept):
-    tmp, path, sweep, outcome = swept
+def test_the_sweep_says_one_line_as_each_trial_starts_and_ends(swept):
+    tmp, path, lines, outcome = swept
+    assert len(lines) <= 50, "\n".join(lines)
+    assert sum(line.endswith(" started") and line.startswith("trial ") for line in lines) == 5, "\n".join(lines)
+    ended = [line for line in lines if line.startswith("trial ") and re.search(r" ended at step [1-6]\b", line)]
+    assert len(ended) == 5 and ended[-1].endswith("[5/5 trials ended]"), "\n".join(lines)
+    assert f"finished: sweep tiny under MLflow run {outcome['parent_run_id']} in {outcome['tracking_uri']}" in lines
+    (log_line,) = [line for line in lines if line.startswith("log: ")]
+    assert "Trial status" in Path(log_line.removeprefix("log: ")).read_text()  # Tune's own table, in the log
+
+
+def test_running_the_sweep_again_restores_it_and_keeps_its_parent_run(swept, ray_local):
+    tmp, path, lines, outcome = swept
     again = run_sweep(load_sweep(path, TINY + places(tmp)), compare=False)
     assert again["parent_run_id"] == outcome["parent_run_id"]
-    assert len(children(again)) == 4
+    assert len(children(again)) == 5 and again["counts"]["failed"] == 0
 
 
 def test_a_search_space_over_a_field_that_does_not_exist_fails_in_one_line(tmp_path, capsys):
@@ -217,7 +250,7 @@ def test_bad_included_trials_fail_in_one_line(tmp_path, capsys, fields, message)
 
 
 def test_included_trials_are_read_as_flat_fields_beside_the_grid(tmp_path):
-    """They run as children named for their fields: tests/orchestrator/test_terminal.py's sweep has one."""
+    """They run as children named for their fields: the sweep above has one."""
     path = write_sweep(tmp_path, space={"tuning.hyperparameters.rank": {"grid": [4, 8]}},
                        include=[{"tuning": {"hyperparameters": {"rank": 4}}, "seed": 7}])
     sweep = load_sweep(path, [*TINY, *places(tmp_path)])

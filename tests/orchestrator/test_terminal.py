@@ -1,5 +1,6 @@
-"""What a person sees: under a terminal a live progress bar, without one a few lines; a sweep says one line
-as each trial starts and ends. Real commands, each in its own process with its own local Ray."""
+"""What a person sees: under a terminal a live progress bar, without one a few lines (a sweep's one line as
+each trial starts and ends: tests/orchestrator/test_sweep.py). A real command in its own process with its own
+local Ray."""
 import os
 import pty
 import re
@@ -10,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 pytest.importorskip("ray")
 pytest.importorskip("mlflow")
@@ -56,36 +56,3 @@ def test_the_demo_under_a_terminal_shows_a_progress_bar_that_advances(tmp_path):
     assert "loss" in text and not re.search(r"^step \d", text, re.M)
     assert "AP50" in text and "mlflow ui --backend-store-uri" in text
     assert re.search(r"pre-training:\s+100%\|", text), text[:2000]  # the upstream pre-training's own bar
-
-
-@pytest.mark.slow
-def test_a_sweep_says_one_line_as_each_trial_starts_and_ends(tmp_path):
-    """A grid of two ranks plus one included control with another seed: three trials, three child runs named
-    for their fields, each announced as it starts and ends."""
-    from mlflow.tracking import MlflowClient
-    path = tmp_path / "two.yaml"
-    path.write_text(yaml.safe_dump({"name": "two", "base": str(DEMO), "overrides": {"tracking.experiment": "terminal"},
-                                    "space": {"tuning.hyperparameters.rank": {"grid": [4, 8]}},
-                                    "include": [{"tuning": {"hyperparameters": {"rank": 4}}, "seed": 7}],
-                                    "max_concurrent_trials": 1}))
-    result = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(path),
-                             *sets("schedule.iterations=2", "checkpoint.period=0", "schedule.batch_size=2",
-                                   "data.synthetic.num_train=4", "data.synthetic.num_val=2", f"output_dir={tmp_path}",
-                                   f"data.synthetic.root={tmp_path}/synthetic")],
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = (result.stdout + result.stderr).splitlines()
-    assert len(lines) <= 40, "\n".join(lines)
-    assert sum(line.endswith(" started") and line.startswith("trial ") for line in lines) == 3, "\n".join(lines)
-    ended = [line for line in lines if line.startswith("trial ") and " ended at step 2" in line]
-    assert len(ended) == 3 and ended[-1].endswith("[3/3 trials ended]"), "\n".join(lines)
-    assert any(line.startswith("finished: sweep two") for line in lines)
-    (log_line,) = [line for line in lines if line.startswith("log: ")]
-    assert "Trial status" in Path(log_line.removeprefix("log: ")).read_text()  # Tune's own table, in the log
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    experiment = client.get_experiment_by_name("terminal").experiment_id
-    runs = {r.info.run_name: r for r in client.search_runs([experiment], filter_string="tags.mlflow.parentRunId != ''")
-            if "mlflow.parentRunId" in r.data.tags}
-    assert set(runs) == {"two-rank=4", "two-rank=8", "two-seed=7-rank=4"}, set(runs)
-    assert all(r.info.status == "FINISHED" for r in runs.values())
-    assert runs["two-seed=7-rank=4"].data.params["seed"] == "7" and runs["two-rank=8"].data.params["seed"] == "0"
