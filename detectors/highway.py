@@ -132,17 +132,14 @@ class _RecomputedStageFn(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_lane_end):
         images, *params = ctx.saved_tensors
         lane_start = params.pop(0) if ctx.keeps_input else None
-        with torch.no_grad():
-            branches = ctx.trunk.stage_branches(ctx.index)  # where the trunk ran this stage again already
+        branches = ctx.trunk.stage_branches(ctx.index)  # where the trunk ran this stage again already
+        with torch.no_grad(), _replaying(ctx.rng, images.device):
             if branches is None:
                 if lane_start is None:
                     lane_start = ctx.trunk.stage_input(ctx.index, images)
-                with _replaying(ctx.rng, images.device):
-                    blocks = ctx.trunk.backbone.layers[ctx.index].blocks
-                    branches = (x for a, m, _ in frozen_blocks(blocks, lane_start) for x in (a, m))
-                    grads = _stage_backward(grad_out, branches, params, None)
-            else:
-                grads = _stage_backward(grad_out, branches, params, None)
+                blocks = ctx.trunk.backbone.layers[ctx.index].blocks
+                branches = (x for a, m, _ in frozen_blocks(blocks, lane_start) for x in (a, m))
+            grads = _stage_backward(grad_out, branches, params, None)
         return (None, None, grad_out, None, None, *grads)
 
 
