@@ -28,8 +28,13 @@ class Registry(Generic[T]):
             raise UserInputError(f"unknown {self.kind} {name!r}; choose one of {', '.join(self.names())}")
         return self._entries[name]
 
+    __getitem__ = get
+
     def names(self) -> list[str]:
         return list(self._entries)
+
+    def values(self) -> list[T]:
+        return list(self._entries.values())
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries

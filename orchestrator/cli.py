@@ -258,10 +258,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _evaluate_arguments(commands) -> None:
-    evaluate = commands.add_parser("evaluate", help="COCO figures of a trained run's model, again or on other data")
+    evaluate = commands.add_parser("evaluate", help="the figures of a trained run's model (COCO AP, mIoU, accuracy), "
+                                                    "again or on other data")
     evaluate.add_argument("run", help="a run directory, a checkpoint directory or runs:/<run_id>")
-    evaluate.add_argument("--data", nargs=2, default=None, metavar=("IMAGES", "ANNOTATIONS"),
-                          help="a COCO dataset: image folder and annotation file (default: the run's validation split)")
+    evaluate.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                          help="other data, as the run's task reads it (default: the run's validation split): a "
+                               "detection run takes IMAGES ANNOTATIONS (COCO), other tasks the FOLDER their data.root "
+                               "names")
     _add_set(evaluate, "a field of the run's experiment", "data.test_short_edge=640")
     evaluate.add_argument("--out", default=None, metavar="FILE",
                           help="the evaluation JSON (default: evaluation-again.json in the run directory)")
@@ -358,11 +361,11 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _demo_arguments(commands) -> None:
-    demo = commands.add_parser("demo", help="train an E3VA detector (or UPerNet) on synthetic data via local Ray "
-                                            "and MLflow")
-    demo.add_argument("--task", default="detection", choices=["detection", "segmentation"],
-                      help="detection: Mask R-CNN (experiments/demo.yaml); segmentation: UPerNet "
-                           "(experiments/demo_segmentation.yaml)")
+    demo = commands.add_parser("demo", help="train an E3VA detector (or another task's model) on synthetic data "
+                                            "via local Ray and MLflow")
+    demo.add_argument("--task", default="detection",
+                      help="the task whose demo runs: detection (default), Mask R-CNN, experiments/demo.yaml; "
+                           "another, experiments/demo_<task>.yaml (segmentation: UPerNet)")
     _add_set(demo, "a field of the demo's experiment")
     _add_verbose(demo)
     demo.set_defaults(func=_cmd_demo)

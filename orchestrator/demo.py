@@ -14,7 +14,6 @@ from detectors.errors import UserInputError
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 DEMO_EXPERIMENT = EXPERIMENTS / "demo.yaml"
-DEMO_EXPERIMENTS = {"detection": DEMO_EXPERIMENT, "segmentation": EXPERIMENTS / "demo_segmentation.yaml"}
 
 
 def run_demo(overrides: Sequence[str] = (), verbose: bool = False, task: str = "detection") -> dict:
@@ -22,7 +21,8 @@ def run_demo(overrides: Sequence[str] = (), verbose: bool = False, task: str = "
     from orchestrator.console import CONSOLE, internals_to
     from orchestrator.run import preflight, run_experiment
     from orchestrator.summary import print_summary
-    experiment = DEMO_EXPERIMENTS[task]
+    from orchestrator.tasks import TASKS
+    experiment = EXPERIMENTS / TASKS.get(task).demo_experiment  # an unknown task: one line naming those there are
     if not experiment.is_file():
         raise UserInputError(f"the demo experiment {experiment} is missing: run the demo from a checkout "
                              f"installed with pip install -e .")

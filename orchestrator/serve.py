@@ -8,7 +8,11 @@ every task it is asked for.
 
     GET  /tasks                        the tasks, their classes and the runs they came from
     POST /predict[?tasks=a,b][&score_threshold=0.3]
-                                       an image (raw bytes, or multipart/form-data): COCO results per task
+                                       an image (raw bytes, or multipart/form-data): per task, what
+                                       ``predict`` writes as JSON (its task's ``predict``):
+                                       detection, COCO results; segmentation, each class found with its
+                                       pixel count and pixels as a COCO RLE; classification, the five
+                                       likeliest classes
 """
 
 import asyncio

@@ -28,22 +28,18 @@ EXPERIMENT_FILE = "experiment.yaml"
 
 @dataclasses.dataclass
 class TrainedTask:
-    """One trained task: its experiment, its detector (eval mode) and its classes."""
+    """One trained task: its experiment, its model (``detector``, in eval mode) and its classes."""
     name: str
     source: str
     cfg: ExperimentConfig
     detector: Any  # detectors.engines.base.Detector
-    classes: list[dict[str, Any]]  # by label 1..K: {"id": COCO category id, "name": ...}
+    classes: list[dict[str, Any]]  # in label order: {"id": what predictions call it (COCO's category id), "name"}
     checkpoint: Path
     state: dict[str, Any]
 
     @property
     def fingerprint(self) -> str:
         return self.state.get("identity", {}).get("fingerprint", "")
-
-    @property
-    def label_to_cat_id(self) -> dict[int, int]:
-        return {label: c["id"] for label, c in enumerate(self.classes, start=1)}
 
     def trained_bytes(self, backbone_only: bool = False) -> int:
         """What this task stores: its trained weights (no optimizer state), or those of them in the backbone."""
@@ -68,26 +64,23 @@ def _slice_bytes(weights, key: str) -> int:
 
 
 def load_trained(source: str | Path, *, weights: str | None = None, tracking_uri: str | None = None,
-                 overrides: Sequence[str] = ()) -> TrainedTask:
+                 overrides: Sequence[str] = (), data: Sequence[str] | None = None) -> TrainedTask:
     """The model a run trained, from ``source``: a run directory, a checkpoint directory, or an
     MLflow run (``runs:/<run_id>``, its artifacts downloaded from ``tracking_uri``).
 
     ``weights`` replaces the experiment's ``backbone.weights``; ``overrides`` are ``--set`` items
-    for the experiment (another validation split, say).
+    for the experiment; ``data`` another validation split (what the task's ``evaluation_data`` names).
     """
     source = str(source)
     experiment, checkpoint = _locate(source, tracking_uri)
     if weights is not None:
         overrides = [*overrides, f"backbone.weights={weights}"]
     cfg = load_experiment(experiment, overrides)
-    if cfg.backbone.upstream is not None:  # the cached pre-training, or the same one trained again
-        from orchestrator.pretrain import pretrained_checkpoint
-        pretrained_checkpoint(cfg.backbone.upstream, "backbone.upstream")
-    if cfg.backbone.weights is not None and not Path(cfg.backbone.weights).is_file():
-        raise UserInputError(f"backbone.weights: {cfg.backbone.weights} does not exist (give the frozen backbone's "
-                             f"weights with --weights)")
     state = _read_state(checkpoint)
     classes = state.get("identity", {}).get("classes") or _classes_from_data(cfg)
+    if data is not None:
+        cfg = load_experiment(experiment, [*overrides, *cfg.task.data_overrides(data, classes)])
+    _check_frozen_weights_exist(cfg)
     torch.manual_seed(cfg.seed)  # the run's frozen initialisation, where no weights file is named
     from orchestrator.train_loop import build_model, config_identity
     detector = build_model(cfg, len(classes))
@@ -102,13 +95,18 @@ def load_trained(source: str | Path, *, weights: str | None = None, tracking_uri
                        checkpoint=checkpoint, state=state)
 
 
+def _check_frozen_weights_exist(cfg: ExperimentConfig) -> None:
+    if cfg.backbone.upstream is not None:  # the cached pre-training, or the same one trained again
+        from orchestrator.pretrain import pretrained_checkpoint
+        pretrained_checkpoint(cfg.backbone.upstream, "backbone.upstream")
+    if cfg.backbone.weights is not None and not Path(cfg.backbone.weights).is_file():
+        raise UserInputError(f"backbone.weights: {cfg.backbone.weights} does not exist (give the frozen backbone's "
+                             f"weights with --weights)")
+
+
 def load_tasks(sources: Sequence[str | Path], **kwargs: Any) -> tuple[list[TrainedTask], SharedBackbone]:
     """Several trained tasks on one frozen backbone, held once (see ``detectors.sharing``)."""
     tasks = [load_trained(source, **kwargs) for source in sources]
-    for task in tasks:
-        if not task.cfg.task.serves_pictures:
-            raise UserInputError(f"{task.source} is a {task.cfg.task.name} run: predict and serve return the boxes and "
-                                 f"masks of detection runs (evaluate scores any run)")
     first = tasks[0]
     for task in tasks[1:]:
         if task.fingerprint != first.fingerprint:

@@ -14,7 +14,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tabulate import tabulate
 
@@ -32,15 +31,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 def evaluate_run(source: str, *, data: Sequence[str] | None = None, overrides: Sequence[str] = (),
                  weights: str | None = None, tracking_uri: str | None = None, out: str | None = None,
                  as_json: bool = False, log: bool = False, batch_size: int = 2) -> dict[str, float]:
-    """COCO figures of the run's model on its validation split, or on ``data`` = (images, annotations)."""
-    if data is not None:
-        images, annotations = data
-        overrides = [*overrides, "data.synthetic=null", f"data.train_images={images}", f"data.train_json={annotations}",
-                     f"data.val_images={images}", f"data.val_json={annotations}"]
-        for what, path in (("--data images", images), ("--data annotations", annotations)):
-            if not Path(path).exists():
-                raise UserInputError(f"{what}: {path} does not exist")
-    task = load_trained(source, weights=weights, tracking_uri=tracking_uri, overrides=overrides)
+    """The task's figures (COCO AP, mIoU, accuracy) of the run's model on its validation split, or on
+    ``data`` (the paths the task's ``evaluation_data`` names, e.g. images and annotations)."""
+    task = load_trained(source, weights=weights, tracking_uri=tracking_uri, overrides=overrides, data=data)
     kind = task.cfg.task
     val = kind.build_val_dataset(task.cfg)
     _check_classes(task, val)
@@ -58,7 +51,7 @@ def evaluate_run(source: str, *, data: Sequence[str] | None = None, overrides: S
         CONSOLE.say(json.dumps(report))
     else:
         CONSOLE.say(f"{task.name} ({task.cfg.tuning.method} {task.cfg.backbone.name} {task.cfg.model.detector}) on "
-                    f"{task.cfg.data.val_json or task.cfg.data.root or 'the synthetic validation split'}:")
+                    f"{kind.data_source(task.cfg)}:")
         CONSOLE.say(kind.results_table(named))
         CONSOLE.say(f"\nevaluation: {destination}")
     if log:
@@ -102,8 +95,8 @@ def _log_to_run(source: str, tracking_uri: str | None, figures: dict[str, float]
 
 def _check_classes(task: TrainedTask, val) -> None:
     if val.num_classes != len(task.classes):
-        raise UserInputError(f"{getattr(val, 'ann_file', None) or val.root} has {val.num_classes} classes, the model {task.source} was trained "
-                             f"for {len(task.classes)}")
+        raise UserInputError(f"{task.cfg.task.data_source(task.cfg)} has {val.num_classes} classes, the model "
+                             f"{task.source} was trained for {len(task.classes)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,7 +105,8 @@ def _check_classes(task: TrainedTask, val) -> None:
 
 def predict_images(sources: Sequence[str], images: Sequence[str], out: str, *, score_threshold: float = 0.5,
                    weights: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
-    """Per task and image, ``<out>/<task>/<image>.json`` (COCO results) and ``.png`` (what was found, drawn)."""
+    """Per task and image, ``<out>/<task>/<image>.json`` (what was found) and ``.png`` (it, drawn), and
+    what else the task writes (label maps)."""
     files = _image_files(images)
     pictures = []
     for path in files:  # every image decodes before anything is written
@@ -151,72 +145,19 @@ def _predict_all(tasks, shared, files, pictures, staging: Path, score_threshold:
         for task in tasks:
             folder = staging / task.name
             folder.mkdir(exist_ok=True)
-            (folder / f"{path.stem}.json").write_text(json.dumps(found[task.name]))
-            render(picture, found[task.name], task).save(folder / f"{path.stem}.png")
+            task.cfg.task.write_prediction(folder, path.stem, picture, found[task.name], task)
         progress.update()
 
 
 def predict_tasks(tasks: Sequence[TrainedTask], shared, picture: torch.Tensor, *, image_id: int = 1,
-                  score_threshold: float = 0.5) -> dict[str, list[dict[str, Any]]]:
-    """Each task's COCO results on one picture; the frozen pass the tasks share runs once for all."""
+                  score_threshold: float = 0.5) -> dict[str, Any]:
+    """Each task's findings on one picture (its task's ``predict``); the frozen pass tasks share runs once
+    for all of them that read the picture alike."""
     try:
-        return {task.name: predict_one(task, picture, image_id=image_id, score_threshold=score_threshold)
+        return {task.name: task.cfg.task.predict(task, picture, image_id=image_id, score_threshold=score_threshold)
                 for task in tasks}
     finally:
         shared.clear()  # the picture's features are not kept past it
-
-
-def predict_one(task: TrainedTask, picture: torch.Tensor, *, image_id: int = 1,
-                score_threshold: float = 0.5) -> list[dict[str, Any]]:
-    """COCO results (``loadRes`` reads them) of ``task`` on one uint8 C x H x W picture, plus category names."""
-    from pycocotools import mask as mask_utils
-    from detectors.data.transforms import build_transforms
-    d = task.cfg.data
-    resize = build_transforms(False, test_short_edge=d.test_short_edge, max_size=d.max_size)
-    height, width = picture.shape[-2:]
-    image, _ = resize(picture.float() / 255.0, {"boxes": torch.zeros(0, 4)})
-    device = next(task.detector.parameters()).device
-    prediction = task.detector.predict([image.to(device)], output_sizes=[(height, width)])[0]
-    prediction = {key: value.cpu() for key, value in prediction.items()}
-    keep = prediction["scores"] >= score_threshold
-    results = []
-    masks = prediction.get("masks")
-    for i in torch.nonzero(keep).flatten().tolist():
-        x1, y1, x2, y2 = prediction["boxes"][i].tolist()
-        label = int(prediction["labels"][i])
-        category = task.classes[label - 1]
-        item = {"image_id": image_id, "category_id": category["id"], "category_name": category["name"],
-                "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(prediction["scores"][i])}
-        if masks is not None:
-            rle = mask_utils.encode(np.asfortranarray(masks[i, 0].numpy().astype(np.uint8)))
-            item["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
-        results.append(item)
-    return results
-
-
-def render(picture: torch.Tensor, results: list[dict[str, Any]], task: TrainedTask):
-    """The picture with each result's mask overlaid and its box, name and score drawn (torchvision's utilities)."""
-    from pycocotools import mask as mask_utils
-    from torchvision.transforms.functional import to_pil_image
-    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
-    drawn = picture
-    colours = [_colour(r["category_id"]) for r in results]
-    if results and "segmentation" in results[0]:
-        masks = torch.from_numpy(np.stack([mask_utils.decode({**r["segmentation"],
-                                                              "counts": r["segmentation"]["counts"].encode()})
-                                           for r in results]).astype(bool))
-        drawn = draw_segmentation_masks(drawn, masks, alpha=0.45, colors=colours)
-    if results:
-        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in results)])
-        labels = [f"{r['category_name']} {r['score']:.2f}" for r in results]
-        drawn = draw_bounding_boxes(drawn, boxes, labels=labels, colors=colours, width=2)
-    return to_pil_image(drawn)
-
-
-def _colour(category_id: int) -> tuple[int, int, int]:
-    palette = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-               (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
-    return palette[category_id % len(palette)]
 
 
 def print_storage(tasks: list[TrainedTask]) -> None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from detectors.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from detectors.segmentation.data import SegmentationFolder
 from detectors.segmentation.metrics import ConfusionMatrix
+from detectors.segmentation.transforms import EvalTransform
 from detectors.segmentation.upernet import UPerNet, slide_inference
 
 _MEAN = torch.tensor([255 * v for v in IMAGENET_MEAN]).view(1, 3, 1, 1)
@@ -35,10 +36,24 @@ def predict_split(model: UPerNet, dataset: SegmentationFolder, device: torch.dev
     matrix = ConfusionMatrix(dataset.num_classes)
     for done, index in enumerate(range(len(dataset)) if indices is None else indices, start=1):
         image, labels = dataset[index]
-        image = normalise(image[None].to(device))
-        logits = model(image) if slide is None else slide_inference(model, image, *slide)
-        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        matrix.update(logits.argmax(1)[0].cpu(), labels)
+        matrix.update(_labels_at(model, image.to(device), labels.shape[-2:], slide).cpu(), labels)
         if on_image is not None:
             on_image(done)
     return matrix
+
+
+@torch.no_grad()
+def predict_labels(model: UPerNet, picture: torch.Tensor, scale: tuple[int, int],
+                   slide: tuple[tuple[int, int], tuple[int, int]] | None = None) -> torch.Tensor:
+    """The class of every pixel (H, W) of one uint8 (3, H, W) picture, predicted as the validation split is:
+    resized into ``scale``, scored back at the picture's own size."""
+    model.eval()
+    height, width = picture.shape[-2:]
+    resized, _ = EvalTransform(scale)(picture, torch.zeros(height, width, dtype=torch.long))
+    return _labels_at(model, resized, (height, width), slide)
+
+
+def _labels_at(model: UPerNet, image: torch.Tensor, size, slide) -> torch.Tensor:
+    image = normalise(image[None])
+    logits = model(image) if slide is None else slide_inference(model, image, *slide)
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False).argmax(1)[0]

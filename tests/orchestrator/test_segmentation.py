@@ -92,12 +92,48 @@ def test_one_process_scores_the_mIoU_the_two_workers_scored(trained):
     assert logged["eval_images_rank0"] == logged["eval_images_rank1"] == 8
 
 
-def test_predict_refuses_a_segmentation_run_in_one_line(trained, tmp_path):
-    picture = tmp_path / "a.png"
-    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(picture)
-    result = cli("predict", str(trained["run_dir"]), "--images", str(picture), "--out", str(tmp_path / "out"))
-    assert result.returncode == 2 and "is a segmentation run" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+def test_predict_writes_the_label_maps_evaluation_scores_and_pictures_with_a_legend(trained, tmp_path):
+    """``predict`` on every validation image: its label PNGs score the aAcc the run logged (the same model,
+    the same resizing), its JSON's RLEs hold the same pixels, and each picture has a legend in the label
+    PNG's colours beside the image."""
+    synthetic = trained["root"] / "synthetic"
+    images = sorted((synthetic / "images" / "validation").iterdir())
+    out = tmp_path / "out"
+    result = cli("predict", str(trained["run_dir"]), "--images", *map(str, images), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = out / "tiny_segmentation"
+    correct = labelled = 0
+    for image in images:
+        label_file = Image.open(folder / f"{image.stem}_labels.png")
+        predicted = np.asarray(label_file)
+        truth = np.asarray(Image.open(synthetic / "annotations" / "validation" / f"{image.stem}.png"))
+        correct, labelled = correct + int((predicted == truth).sum()), labelled + truth.size
+        found = json.loads((folder / f"{image.stem}.json").read_text())
+        assert sum(c["pixels"] for c in found["classes"]) == predicted.size
+        from orchestrator.tasks.segmentation import label_map
+        assert np.array_equal(label_map(found).numpy(), predicted)
+        picture = Image.open(folder / f"{image.stem}.png").convert("RGB")
+        width = Image.open(image).width
+        assert picture.width > width + 40  # the legend's panel
+        legend = np.asarray(picture)[:, width:]
+        colours = {tuple(c) for c in legend.reshape(-1, 3)}
+        palette = label_file.getpalette()
+        for region in found["classes"]:  # each class found has its swatch, in its label-file colour
+            assert tuple(palette[3 * region["id"]: 3 * region["id"] + 3]) in colours
+    logged = trained["run"].data.metrics["val_segmentation_aAcc"]
+    assert abs(100 * correct / labelled - logged) <= 1e-6
+
+
+def test_evaluate_data_reads_an_ade20k_layout_folder(trained, tmp_path):
+    """The run's validation images as a folder of their own, given with ``--data``: the same figures."""
+    result = cli("evaluate", str(trained["run_dir"]), "--data", str(trained["root"] / "synthetic"), "--json",
+                 "--out", str(tmp_path / "again.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    again, logged = json.loads(result.stdout), trained["run"].data.metrics
+    for key in ("val_segmentation_mIoU", "val_segmentation_aAcc", "val_segmentation_IoU_circle"):
+        assert abs(again[key] - logged[key]) <= 1e-6, key
+    wrong = cli("evaluate", str(trained["run_dir"]), "--data", str(tmp_path / "absent"))
+    assert wrong.returncode == 2 and "--data folder:" in wrong.stderr and len(wrong.stderr.strip().splitlines()) == 1
 
 
 @pytest.fixture(scope="module")
