@@ -9,6 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 # Ray Train's controller polls its workers every 2 s by default, and a run waits for it at the start, at
 # each report and at the end; the tiny runs here poll every 0.5 s (the train loop bundles reports to suit).
 # Every Ray the tests start, in this process or in a command's, inherits it.
@@ -128,3 +130,36 @@ def mlflow_server(store: Path, artifacts_destination: str, env: dict | None = No
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=60)
+
+
+# ----------------------------------------------------------------------------- trained runs several modules use
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+
+
+def _trained_run(root: Path, experiment: str, name: str, *overrides: str) -> dict:
+    """``experiments/<experiment>.yaml`` run through the command as a user runs it, into ``root``."""
+    pytest.importorskip("ray")
+    from mlflow.tracking import MlflowClient
+    sets = [f"output_dir={root}", f"data.synthetic.root={root}/synthetic", *overrides]
+    result = subprocess.run([sys.executable, "-m", "orchestrator", "run", str(EXPERIMENTS / f"{experiment}.yaml"),
+                             *sum((["--set", item] for item in sets), [])], capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    return {"root": root, "run_dir": root / experiment, "uri": uri, "run": run, "stdout": result.stdout}
+
+
+@pytest.fixture(scope="session")
+def trained_segmentation(tmp_path_factory):
+    """The tiny segmentation experiment on two Ray Train workers (2 x 4 images a step)."""
+    return _trained_run(tmp_path_factory.mktemp("segmentation"), "tiny_segmentation", "e3va-tiny-segmentation",
+                        "scaling.workers=2")
+
+
+@pytest.fixture(scope="session")
+def trained_classification(tmp_path_factory):
+    """The tiny classification experiment (its frozen backbone is the tiny detection and segmentation ones')."""
+    return _trained_run(tmp_path_factory.mktemp("classification"), "tiny_classification", "e3va-tiny-classification")

@@ -174,15 +174,23 @@ def multipart(name: str, data: bytes) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def test_serve_answers_as_predict_does_and_keeps_serving_after_bad_requests(finished, tmp_path):
+def with_image_id_1(found):
+    """What serve answers for one picture (its image id 1) of what predict wrote for its nth."""
+    return [{**r, "image_id": 1} for r in found] if isinstance(found, list) else {**found, "image_id": 1}
+
+
+def test_serve_answers_as_predict_does_and_keeps_serving_after_bad_requests(finished, trained_classification,
+                                                                            trained_segmentation, tmp_path):
+    """Two detection runs, a classification and a segmentation run on one frozen backbone, in one server."""
     import signal
     import time
     from concurrent.futures import ThreadPoolExecutor
 
     from orchestrator.use import predict_images
     run = str(finished["run_dir"])
+    others = [str(trained_classification["run_dir"]), str(trained_segmentation["run_dir"])]
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "orchestrator", "serve", run, run, "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "orchestrator", "serve", run, run, *others, "--port", str(port),
                                "--max-image-mb", "1", "--score-threshold", "0.0"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -198,17 +206,24 @@ def test_serve_answers_as_predict_does_and_keeps_serving_after_bad_requests(fini
             except (OSError, ValueError):
                 pass
             time.sleep(0.5)
-        assert status == 200 and [t["name"] for t in listed["tasks"]] == ["tiny-1", "tiny-2"]
+        names = ["tiny-1", "tiny-2", "tiny_classification", "tiny_segmentation"]
+        assert status == 200 and [t["name"] for t in listed["tasks"]] == names
         assert {c["name"] for c in listed["tasks"][0]["classes"]} == {"circle", "square", "triangle"}
         assert listed["tasks"][1]["source"] == run
 
-        predict_images([run], [str(finished["val"])], str(tmp_path / "predicted"), score_threshold=0.0)
+        predicted = predict_images([run, *others], [str(finished["val"])], str(tmp_path / "predicted"),
+                                   score_threshold=0.0)
         images = sorted(finished["val"].glob("*.png"))
+        # the detection tasks read the picture alike and share a frozen pass; the others resize it their way
+        assert predicted["frozen_passes"] == 3 * len(images)
         for index, path in enumerate(images, start=1):
-            expected = json.loads((tmp_path / "predicted" / "tiny" / f"{path.stem}.json").read_text())
-            expected = [{**r, "image_id": 1} for r in expected]
+            expected = {task: with_image_id_1(json.loads((tmp_path / "predicted" / task / f"{path.stem}.json")
+                                                         .read_text()))
+                        for task in ("tiny", "tiny_classification", "tiny_segmentation")}
             status, answer = http(f"{url}/predict", path.read_bytes(), "image/png")
-            assert status == 200 and answer["tasks"] == {"tiny-1": expected, "tiny-2": expected}
+            assert status == 200 and answer["tasks"] == {"tiny-1": expected["tiny"], "tiny-2": expected["tiny"],
+                                                         "tiny_classification": expected["tiny_classification"],
+                                                         "tiny_segmentation": expected["tiny_segmentation"]}
         status, answer = http(f"{url}/predict?tasks=tiny-2", *multipart(images[0].name, images[0].read_bytes()))
         assert status == 200 and list(answer["tasks"]) == ["tiny-2"]
 

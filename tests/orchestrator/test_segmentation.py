@@ -34,16 +34,10 @@ def sets(*overrides: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """The tiny segmentation experiment as a user runs it, on two Ray Train workers (2 x 4 images a step)."""
-    root = tmp_path_factory.mktemp("segmentation")
-    result = cli("run", str(TINY), *sets(f"output_dir={root}", f"data.synthetic.root={root}/synthetic",
-                                         "scaling.workers=2"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    uri = f"sqlite:///{root}/mlflow.db"
-    client = MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("e3va-tiny-segmentation").experiment_id])
-    return {"root": root, "run_dir": root / "tiny_segmentation", "uri": uri, "run": run, "stdout": result.stdout}
+def trained(trained_segmentation):
+    """The tiny segmentation experiment as a user runs it, on two Ray Train workers (conftest; the serve
+    test of test_after_training serves it too)."""
+    return trained_segmentation
 
 
 def untrained_miou(root: Path) -> float:
