@@ -7,19 +7,15 @@ talk to MLflow; the driver logs their reports (``orchestrator.tracking.metrics_c
 What differs between detection and segmentation comes from the experiment's task
 (``orchestrator.tasks``). Evaluation is sharded: every rank predicts its own share of the validation
 split, and rank 0 scores it once over all of them (COCO AP, or mIoU from the summed confusion matrices), while the other ranks wait in Ray's report (which has no
-timeout), not in the process group.
+timeout), not in the process group. What follows each step (reports, evaluation, checkpoints) is
+``orchestrator.train_reporter``'s ``StepReporter``.
 """
 from __future__ import annotations
 
-import collections
+import dataclasses
 import logging
-import math
-import os
-import resource
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,11 +24,12 @@ from torch.utils.data import DataLoader
 
 from detectors.data.sampling import ProportionalBatchSampler, rank_loss_weight
 from detectors.errors import UserInputError
-from detectors.training import evaluation_shard, training_step
+from detectors.training import training_step
 from detectors.tuning import resolve_method, result_hyperparameters
-from orchestrator.checkpointing import backbone_fingerprint, load_checkpoint, save_checkpoint, trained_buffers
+from orchestrator.checkpointing import backbone_fingerprint, load_checkpoint, trained_buffers
 from orchestrator.config import ExperimentConfig
 from orchestrator.gpu_kinds import CPU, kind_from_name, kind_from_resources
+from orchestrator.train_reporter import MAX_STEPS_PER_REPORT, POLL_INTERVAL_VARIABLE, StepReporter, steps_per_report
 
 
 def build_datasets(cfg: ExperimentConfig):
@@ -211,23 +208,6 @@ def train_locally(cfg: ExperimentConfig) -> dict:
     return _train(cfg, _Hooks())
 
 
-# Ray Train (2.x) takes one report per worker each time its controller polls (every
-# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s unless set): a worker reporting more often waits in
-# ``ray.train.report``, so faster steps would each take that long. They are therefore reported in
-# bundles of a little more than one poll interval (every step's figures still reach MLflow).
-POLL_INTERVAL_VARIABLE = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-MAX_STEPS_PER_REPORT = 100
-
-
-def report_seconds() -> float:
-    return 1.25 * float(os.environ.get(POLL_INTERVAL_VARIABLE, 2.0))
-
-
-def steps_per_report(step_seconds: float) -> int:
-    """How many steps of this duration one report may cover (at least one)."""
-    return max(1, min(MAX_STEPS_PER_REPORT, math.ceil(report_seconds() / max(step_seconds, 1e-3))))
-
-
 def loader_workers(cfg: ExperimentConfig, device: torch.device) -> int:
     """Data-loading processes: as the file says, else the worker's CPUs less the one that trains."""
     if cfg.data.loader_workers is not None:
@@ -235,148 +215,106 @@ def loader_workers(cfg: ExperimentConfig, device: torch.device) -> int:
     return max(0, int(cfg.scaling.cpus_per_worker) - 1)
 
 
-def _train(cfg: ExperimentConfig, hooks: _Hooks, fail_at_step: int | None = None) -> dict:
-    rank, world = hooks.rank, hooks.world
+@dataclasses.dataclass
+class _Run:
+    """This worker's training once set up: what the loop and its reporter share."""
+    cfg: ExperimentConfig  # with any hyperparameters the batch planner switched on
+    device: torch.device
+    train_set: Any
+    val_set: Any
+    detector: torch.nn.Module
+    model: torch.nn.Module  # the detector as the loop trains it (wrapped for DDP under Ray)
+    identity: dict[str, Any]  # what the checkpoints are made for
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: ProportionalBatchSampler
+    batch_sizes: list[int]
+    switched_by_rank: list[dict[str, Any]]
+    resume_from: Path | None = None
+    start: int = 0
+
+    @property
+    def per_epoch(self) -> int:
+        return len(self.sampler)
+
+    @property
+    def total(self) -> int:
+        return self.cfg.schedule.iterations or self.cfg.schedule.epochs * self.per_epoch
+
+
+def _set_up(cfg: ExperimentConfig, hooks: _Hooks) -> _Run:
+    """Device, batch sizes, data, model, optimizer and schedule, resumed from a checkpoint where there is one."""
     device = hooks.device() if cfg.device != "cpu" else torch.device("cpu")
     if device.type == "cpu":  # the CPUs this worker reserved, in and out of Ray alike
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    # planning (batch_size: auto) profiles models: before the seed is set for this run's own
-    batch_size, switched = worker_batch_size(cfg, rank, device, hooks.node_resources())
-    if switched:
-        print(f"[rank {rank}] schedule.batch_size: auto: {cfg.tuning.method} fits no image on this worker as "
-              f"written; with {switched}, batch {batch_size}", flush=True)
-        cfg = with_hyperparameters(cfg, switched)
-    batch_sizes, switched_by_rank = hooks.gather(batch_size), hooks.gather(switched)
+    cfg, batch_sizes, switched_by_rank = _batch_sizes(cfg, hooks, device)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     task = cfg.task
     train_set, val_set = task.build_datasets(cfg)
     # the classes travel with the checkpoint: predict and serve name them without the dataset
     classes = task.classes(train_set)
-    detector = task.prepare(task.build_model(cfg, train_set.num_classes), device, world).to(device)
+    detector = task.prepare(task.build_model(cfg, train_set.num_classes), device, hooks.world).to(device)
     identity = {**run_identity(cfg, detector), "classes": classes}
     model = hooks.wrap(detector)
     # fused: one kernel over all parameters (CPU and CUDA), where the default runs ~10 ops per tensor
     optimizer = torch.optim.AdamW([p for p in detector.parameters() if p.requires_grad],
                                   lr=cfg.schedule.lr, weight_decay=cfg.schedule.weight_decay, fused=True)
-    sampler = ProportionalBatchSampler(len(train_set), batch_sizes, rank, seed=cfg.seed)
-    loss_weight = rank_loss_weight(batch_sizes, rank)
-    per_epoch = len(sampler)
-    total = cfg.schedule.iterations or cfg.schedule.epochs * per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, per_epoch))
-    start = 0
-    resume_from = hooks.checkpoint_dir()
-    if resume_from is not None:
-        start = load_checkpoint(resume_from, detector, optimizer, scheduler, identity)
-        print(f"[rank {rank}] resuming from step {start}", flush=True)
+    sampler = ProportionalBatchSampler(len(train_set), batch_sizes, hooks.rank, seed=cfg.seed)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, len(sampler)))
+    run = _Run(cfg, device, train_set, val_set, detector, model, identity, optimizer, scheduler, sampler,
+               batch_sizes, switched_by_rank)
+    run.resume_from = hooks.checkpoint_dir()
+    if run.resume_from is not None:
+        run.start = load_checkpoint(run.resume_from, detector, optimizer, scheduler, identity)
+        print(f"[rank {hooks.rank}] resuming from step {run.start}", flush=True)
+    return run
 
+
+def _batch_sizes(cfg: ExperimentConfig, hooks: _Hooks,
+                 device: torch.device) -> tuple[ExperimentConfig, list[int], list[dict[str, Any]]]:
+    """Every rank's images per step and the hyperparameters the planner switched on for each; ``cfg`` with
+    this rank's."""
+    # planning (batch_size: auto) profiles models: before the seed is set for this run's own
+    batch_size, switched = worker_batch_size(cfg, hooks.rank, device, hooks.node_resources())
+    if switched:
+        print(f"[rank {hooks.rank}] schedule.batch_size: auto: {cfg.tuning.method} fits no image on this worker as "
+              f"written; with {switched}, batch {batch_size}", flush=True)
+        cfg = with_hyperparameters(cfg, switched)
+    return cfg, hooks.gather(batch_size), hooks.gather(switched)
+
+
+def _train(cfg: ExperimentConfig, hooks: _Hooks, fail_at_step: int | None = None) -> dict:
+    run = _set_up(cfg, hooks)
+    cfg, device, task = run.cfg, run.device, run.cfg.task
+    loss_weight = rank_loss_weight(run.batch_sizes, hooks.rank)
     use_amp = cfg.schedule.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
-    metrics: dict[str, float] = {}
-    seen: dict[int, set[int]] = {}  # epoch -> images this rank trained on
-    step_seconds: list[float] = []
-    # the reports since the last checkpoint, which carries them (the last thousand: the driver lags by a few)
-    unsaved: collections.deque[dict] = collections.deque(maxlen=1000)
-    unreported: list[dict] = []  # steps' figures that travel with the next report
-    report_every = 1  # steps per report: set from the second step's time, the same on every rank
-    step = start
-    tick = time.perf_counter()
-    while step < total:
-        epoch, offset = divmod(step, per_epoch)
-        sampler.set_epoch(epoch)
-        batches = sampler.batches()[offset:]
-        loader = DataLoader(train_set, batch_sampler=batches, collate_fn=task.collate,
+    reporter = StepReporter(run, hooks)
+    step = run.start
+    while step < run.total:
+        epoch, offset = divmod(step, run.per_epoch)
+        run.sampler.set_epoch(epoch)
+        batches = run.sampler.batches()[offset:]
+        loader = DataLoader(run.train_set, batch_sampler=batches, collate_fn=task.collate,
                             num_workers=loader_workers(cfg, device), pin_memory=device.type == "cuda")
-        detector.train()
+        run.detector.train()
         for batch, (images, targets) in zip(batches, loader):
             images, targets = task.move_batch(images, targets, device)
-            losses = training_step(model, optimizer, images, targets, clip_norm=cfg.schedule.clip_grad_norm,
+            losses = training_step(run.model, run.optimizer, images, targets, clip_norm=cfg.schedule.clip_grad_norm,
                                    scaler=scaler, autocast_device="cuda" if use_amp else None,
                                    loss_scale=loss_weight)
-            scheduler.step()
+            run.scheduler.step()
             step += 1
-            seen.setdefault(epoch, set()).update(batch)
-            if fail_at_step is not None and step == fail_at_step and resume_from is None:
+            if fail_at_step is not None and step == fail_at_step and run.resume_from is None:
                 raise RuntimeError(f"injected failure at step {step}")
-            # wall time since the previous step ended: data loading, reporting and all
-            seconds, tick = time.perf_counter() - tick, time.perf_counter()
-            step_seconds.append(seconds)
-            metrics = {**{f"train/{k}": v for k, v in losses.items()}, "lr": scheduler.get_last_lr()[0],
-                       "seconds_per_iteration": seconds, "epoch": epoch, "step": step, "iterations": total, "world_size": world,
-                       "images_per_step": sum(batch_sizes)}
-            metrics["peak_memory_mb"] = peak_memory_mb(device)
-            if step == start + 1:  # per-kind sizes are known only now; the driver logs them once
-                metrics["batch_sizes"] = batch_sizes
-                if any(switched_by_rank):
-                    metrics["switched_hyperparameters"] = switched_by_rank
-            last = step == total
-            evaluate_now = last or (cfg.evaluation.period and step % cfg.evaluation.period == 0)
-            checkpoint_now = last or (cfg.checkpoint.period and step % cfg.checkpoint.period == 0)
-            if last:
-                metrics.update(_run_summary(step_seconds, hooks.gather(seen), hooks.gather(peak_memory_mb(device))))
-            if evaluate_now:
-                metrics.update(_evaluate(cfg, detector, val_set, device, hooks))
-            report = {k: v for k, v in metrics.items() if isinstance(v, (int, float, list))}
-            scalars = {k: v for k, v in report.items() if isinstance(v, (int, float))}
-            unsaved.append(scalars)
-            if step == start + 2:  # the first step's time is warm-up; every rank must agree on the cadence
-                report_every = max(hooks.gather(steps_per_report(seconds)))
-            if not (last or evaluate_now or checkpoint_now or step <= start + 2 or (step - start) % report_every == 0):
-                unreported.append(scalars)
-                continue
-            if unreported:
-                report["steps"], unreported = unreported, []
-            with tempfile.TemporaryDirectory() as tmp:
-                directory = None
-                if checkpoint_now and rank == 0:
-                    directory = save_checkpoint(Path(tmp) / "checkpoint", detector, optimizer, scheduler, step,
-                                                identity, history=list(unsaved))
-                hooks.report(report, directory)
-            if checkpoint_now:
-                unsaved.clear()
-            if evaluate_now or checkpoint_now:  # they are not iteration time; a step's own report is
-                tick = time.perf_counter()
-            if step >= total:
+            reporter.after_step(step, epoch, batch, losses)
+            if step >= run.total:
                 break
-    if rank == 0 and hooks.save_final_checkpoint:
-        save_checkpoint(cfg.run_dir / "checkpoint", detector, optimizer, scheduler, step, identity)
-    return metrics
+    reporter.after_train(step)
+    return reporter.metrics
 
 
-def _evaluate(cfg: ExperimentConfig, model, val_set, device: torch.device, hooks: _Hooks) -> dict[str, float]:
-    """Every rank predicts its shard; rank 0 merges their states and scores the split once (COCO AP,
-    or the confusion matrix's mIoU)."""
-    hooks.share_buffers(model)
-    shard = evaluation_shard(len(val_set), hooks.rank, hooks.world)
-    started = time.perf_counter()
-    shown = None
-    if hooks.rank == 0 and hooks.progress is not None:
-        from orchestrator.console import evaluation_progress
-        shown = evaluation_progress(hooks.progress, len(shard))
-    states = hooks.gather((len(shard), cfg.task.predict_shard(cfg, model, val_set, device, shard, on_batch=shown)))
-    metrics = {f"eval_images_rank{rank}": count for rank, (count, _) in enumerate(states)}
-    if hooks.rank == 0:
-        metrics.update({f"val/{k}": v for k, v in cfg.task.score(val_set, [state for _, state in states]).items()})
-        metrics["eval_seconds"] = time.perf_counter() - started
-    return metrics
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """This worker's peak: CUDA memory allocated on a GPU, the process's peak resident set on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
-
-
-def _run_summary(step_seconds: list[float], seen_by_rank: list[dict[int, set[int]]],
-                 peak_mb_by_rank: list[float]) -> dict[str, float]:
-    """Steady-state speed (the median skips warm-up), each worker's peak memory, how the ranks shared the data."""
-    summary = {"run/median_seconds_per_iteration": statistics.median(step_seconds[1:] or step_seconds),
-               **{f"run/peak_memory_mb_rank{rank}": mb for rank, mb in enumerate(peak_mb_by_rank)}}
-    shared = 0
-    for epoch in set().union(*seen_by_rank):
-        per_rank = [seen.get(epoch, set()) for seen in seen_by_rank]
-        shared += sum(len(a & b) for i, a in enumerate(per_rank) for b in per_rank[i + 1:])
-    for rank, seen in enumerate(seen_by_rank):
-        summary[f"run/images_rank{rank}"] = sum(len(images) for images in seen.values())
-    summary["run/images_seen_by_two_ranks"] = shared
-    return summary
+__all__ = ["build_datasets", "build_model", "lr_factor", "worker_batch_size", "with_hyperparameters", "config_identity",
+           "run_identity", "train_loop_per_worker", "train_locally", "loader_workers",
+           # the report cadence lives beside the reports; it stays importable from here
+           "MAX_STEPS_PER_REPORT", "POLL_INTERVAL_VARIABLE", "steps_per_report"]
