@@ -113,28 +113,19 @@ def _detector_subject(method: str, engine: str, detector: str, backbone: str, im
 
 
 NUM_CLASSES = 3
-ADE20K_CLASSES = 150
 
 
-def _segmentation_subject(method: str, detector: str, backbone: str, images: torch.Tensor, backbone_kwargs: dict,
-                          hyperparameters: dict | None = None, num_classes: int | None = None,
-                          detector_options: dict | None = None, **_) -> _Subject:
-    """A segmentation model's training step (e.g. UPerNet's two losses) on fixed random labels."""
-    from detectors.segmentation.upernet import SEGMENTERS
+def _model_subject(method: str, detector: str, backbone: str, images: torch.Tensor, backbone_kwargs: dict,
+                   hyperparameters: dict | None = None, num_classes: int | None = None,
+                   detector_options: dict | None = None, **_) -> _Subject:
+    """A ``detectors.models`` model's training step (e.g. UPerNet's two losses) on its fixed random targets."""
+    from detectors.models import MODELS
+    spec = MODELS.get(detector)
     torch.manual_seed(0)
-    classes = num_classes or ADE20K_CLASSES
+    classes = num_classes or spec.bench_classes
     tuned = build_tuned_swin(backbone, method, hyperparameters, **backbone_kwargs)
-    model = SEGMENTERS[detector](tuned, classes, **(detector_options or {})).to(images.device).train()
-    if images.shape[0] == 1:  # the planner's batch-1 point: BatchNorm cannot take batch statistics of one
-        for module in model.modules():  # 1x1 map; with running ones it saves the same tensors for backward
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
-    generator = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, classes, (images.shape[0], *images.shape[-2:]), generator=generator).to(images.device)
-
-    def loss() -> torch.Tensor:
-        return sum(model(images, labels).values())
-    return _Subject(method, model, model.backbone, loss)
+    model = spec.build(tuned, classes, **(detector_options or {})).to(images.device).train()
+    return _Subject(method, model, model.backbone, spec.synthetic_loss(model, images, classes))
 
 
 def _grid_boxes(boxes: int, shift: float) -> torch.Tensor:
@@ -255,9 +246,9 @@ def _subject(method: str, backbone: str, images: torch.Tensor, detector: str | N
              backbone_kwargs: dict, **options) -> _Subject:
     if detector is None:
         return _backbone_subject(method, backbone, images, backbone_kwargs, options.get("hyperparameters"))
-    from detectors.segmentation.upernet import SEGMENTERS
-    if detector in SEGMENTERS:
-        return _segmentation_subject(method, detector, backbone, images, backbone_kwargs, **options)
+    from detectors.models import model_spec
+    if model_spec(detector) is not None:
+        return _model_subject(method, detector, backbone, images, backbone_kwargs, **options)
     return _detector_subject(method, engine, detector, backbone, images, backbone_kwargs, **options)
 
 

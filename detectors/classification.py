@@ -21,6 +21,7 @@ from detectors.data.images import read_rgb
 from detectors.data.synthetic import COLOUR_MODES, SHAPE_CLASSES, _background, _paint, _rasterise
 from detectors.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from detectors.errors import UserInputError
+from detectors.models import MODELS, ModelSpec
 
 SPLITS = ("train", "val")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -40,25 +41,12 @@ class LinearClassifier(nn.Module):
         return logits if targets is None else {"loss_cls": F.cross_entropy(logits, targets)}
 
 
-CLASSIFIERS = {"linear": LinearClassifier}
+def _synthetic_loss(model: LinearClassifier, images: torch.Tensor, num_classes: int):
+    labels = torch.randint(0, num_classes, (images.shape[0],), generator=torch.Generator().manual_seed(0))
+    return lambda: sum(model(images, labels.to(images.device)).values())
 
 
-def build_classifier(name: str, num_classes: int, backbone: str = "swin_t", tuning: str = "e3va", weights=None,
-                     hyperparameters: dict | None = None, options: dict | None = None,
-                     **backbone_options) -> nn.Module:
-    """Classifier ``name`` on a Swin ``backbone`` tuned by ``tuning`` (as ``build_detector`` for detectors)."""
-    from detectors.tuning import build_tuned_swin
-    check_classifier(name, options or {})
-    tuned = build_tuned_swin(backbone, tuning, hyperparameters, weights=weights, **backbone_options)
-    return CLASSIFIERS[name](tuned, num_classes, **(options or {}))
-
-
-def check_classifier(name: str, options: dict) -> None:
-    if name not in CLASSIFIERS:
-        raise UserInputError(f"unknown classifier {name!r}; choose one of {', '.join(CLASSIFIERS)}")
-    unknown = sorted(set(options) - {"stage"})
-    if unknown:
-        raise UserInputError(f"model.options: {', '.join(unknown)} is not an option of {name} (it takes stage)")
+MODELS.register("linear")(ModelSpec("classification", LinearClassifier, _synthetic_loss, bench_classes=1000))
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:

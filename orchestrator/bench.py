@@ -15,11 +15,12 @@ from detectors.tuning import resolve_method
 _MB = 2**20
 
 
-def _engine_for(detector: str, engine: str | None) -> str:
+def _engine_for(detector: str, engine: str | None) -> str | None:
+    """The engine that builds ``detector``; None for a ``detectors.models`` model (UPerNet, ...)."""
     from detectors.engines import ENGINES
-    from detectors.segmentation.upernet import SEGMENTERS
-    if detector in SEGMENTERS:
-        return "segmentation"
+    from detectors.models import MODELS, model_spec
+    if model_spec(detector) is not None:
+        return None
     if engine is not None:
         ENGINES.get(engine).check(engine, detector)
         return engine
@@ -27,7 +28,7 @@ def _engine_for(detector: str, engine: str | None) -> str:
         if detector in ENGINES.get(name).detectors:
             ENGINES.get(name).check(name, detector)
             return name
-    known = sorted({d for name in ENGINES.names() for d in ENGINES.get(name).detectors} | set(SEGMENTERS))
+    known = sorted({d for name in ENGINES.names() for d in ENGINES.get(name).detectors} | set(MODELS.names()))
     raise UserInputError(f"unknown detector {detector!r}; choose one of {', '.join(known)}")
 
 
@@ -61,7 +62,7 @@ def run_bench(backbone: str, methods: list[str], size: tuple[int, int], batch: i
              ratio(to_full, r.method, "peak_bytes"), ratio(to_full, r.method, "step_s"),
              ratio(to_fixed, r.method, "train_bytes"), ratio(to_fixed, r.method, "peak_bytes"),
              ratio(to_fixed, r.method, "step_s")] for r in results]
-    what = f"{engine} {detector} on {backbone}" if detector else backbone
+    what = f"{engine or ''} {detector} on {backbone}".lstrip() if detector else backbone
     print(f"{what}, batch {batch} x {size[0]}x{size[1]}, {device}, "
           f"median of {repeats} interleaved steps (rotating order)")
     print(tabulate(rows, headers=["method", "trainable M", "saved MiB", "train MiB", "peak MiB", "s/step",

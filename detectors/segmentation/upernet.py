@@ -17,6 +17,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from detectors.models import MODELS, ModelSpec
+
 IGNORE_INDEX = 255  # pixels with this label count in no loss and no score
 
 
@@ -70,11 +72,6 @@ class UPerNet(nn.Module):
         return checkpoint(loss, logits, use_reentrant=False)
 
 
-# Segmentation models by name (``model.detector`` of an experiment, ``--detector`` of bench): (tuned backbone,
-# number of classes) -> model.
-SEGMENTERS = {"upernet": UPerNet}
-
-
 def _resize(logits: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
@@ -99,26 +96,17 @@ def slide_inference(model: UPerNet, image: torch.Tensor, crop: tuple[int, int],
     return logits / counts
 
 
-def check_segmenter(name: str, options: dict) -> None:
-    """The model's name and its ``model.options``, before anything is built."""
-    import inspect
-
-    from detectors.errors import UserInputError
-    if name not in SEGMENTERS:
-        raise UserInputError(f"unknown segmentation model {name!r}; choose one of {', '.join(SEGMENTERS)}")
-    accepted = set(inspect.signature(SEGMENTERS[name]).parameters) - {"backbone", "num_classes"}
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        raise UserInputError(f"model.options: {', '.join(unknown)} is not an option of {name} "
-                             f"(it takes {', '.join(sorted(accepted))})")
+def _synthetic_loss(model: UPerNet, images: torch.Tensor, num_classes: int):
+    """Both losses on fixed random labels."""
+    if images.shape[0] == 1:  # the planner's batch-1 point: BatchNorm cannot take batch statistics of one
+        for module in model.modules():  # 1x1 map; with running ones it saves the same tensors for backward
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, num_classes, (images.shape[0], *images.shape[-2:]), generator=generator)
+    labels = labels.to(images.device)
+    return lambda: sum(model(images, labels).values())
 
 
-def build_segmenter(name: str, num_classes: int, backbone: str = "swin_t", tuning: str = "e3va",
-                    weights=None, hyperparameters: dict | None = None, options: dict | None = None,
-                    **backbone_options) -> nn.Module:
-    """Segmentation model ``name`` on a Swin ``backbone`` tuned by ``tuning`` (as ``build_detector`` for
-    detectors). ``options`` go to the model's constructor (e.g. ``channels``); names are checked first."""
-    from detectors.tuning import build_tuned_swin
-    check_segmenter(name, options or {})
-    tuned = build_tuned_swin(backbone, tuning, hyperparameters, weights=weights, **backbone_options)
-    return SEGMENTERS[name](tuned, num_classes, **(options or {}))
+ADE20K_CLASSES = 150
+MODELS.register("upernet")(ModelSpec("segmentation", UPerNet, _synthetic_loss, bench_classes=ADE20K_CLASSES))

@@ -30,7 +30,9 @@ class Task:
     demo_experiment: str  # ``demo --task <name>`` runs this file of experiments/
 
     def models(self) -> Sequence[str]:
-        raise NotImplementedError
+        """The names ``model.detector`` may give (``detectors.models``' for this task, unless overridden)."""
+        from detectors.models import models_of
+        return models_of(self.name)
 
     def check_config(self, cfg) -> None:
         """Fields that belong to another task, or that this one lacks: ``ValueError`` naming the field."""
@@ -62,10 +64,16 @@ class Task:
         raise NotImplementedError
 
     def build_model(self, cfg, num_classes: int) -> torch.nn.Module:
-        raise NotImplementedError
+        from detectors.models import build_model
+        return build_model(cfg.model.detector, num_classes, backbone=cfg.backbone.name, tuning=cfg.tuning.method,
+                           weights=cfg.backbone.weight_file(), hyperparameters=cfg.tuning.hyperparameters,
+                           options=cfg.model.options, drop_path_rate=cfg.backbone.drop_path_rate,
+                           **cfg.backbone.overrides)
 
     def check_model(self, cfg) -> None:
-        raise NotImplementedError
+        """The model's options, before anything is built: ``UserInputError`` naming the option."""
+        from detectors.models import check_model
+        check_model(cfg.model.detector, cfg.model.options)
 
     def prepare(self, model: torch.nn.Module, device: torch.device, world: int) -> torch.nn.Module:
         """The model as the workers train it (before DDP wraps it)."""

@@ -25,10 +25,6 @@ class ClassificationTask(Task):
     demo_experiment = "demo_classification.yaml"
     evaluation_data = ("FOLDER",)
 
-    def models(self):
-        from detectors.classification import CLASSIFIERS
-        return list(CLASSIFIERS)
-
     def check_config(self, cfg) -> None:
         super().check_config(cfg)
         if (cfg.data.synthetic is None) == (cfg.data.root is None):
@@ -72,17 +68,6 @@ class ClassificationTask(Task):
             return cfg.data.synthetic.num_classes
         folder = Path(cfg.data.root) / "train"
         return sum(p.is_dir() for p in folder.iterdir()) if folder.is_dir() else None
-
-    def build_model(self, cfg, num_classes):
-        from detectors.classification import build_classifier
-        return build_classifier(cfg.model.detector, num_classes, backbone=cfg.backbone.name, tuning=cfg.tuning.method,
-                                weights=cfg.backbone.weight_file(), hyperparameters=cfg.tuning.hyperparameters,
-                                options=cfg.model.options, drop_path_rate=cfg.backbone.drop_path_rate,
-                                **cfg.backbone.overrides)
-
-    def check_model(self, cfg) -> None:
-        from detectors.classification import check_classifier
-        check_classifier(cfg.model.detector, cfg.model.options)
 
     def collate(self, batch):
         images, labels = zip(*batch)

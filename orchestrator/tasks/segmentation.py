@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,10 +28,6 @@ class SegmentationTask(Task):
     demo_experiment = "demo_segmentation.yaml"
     evaluation_data = ("FOLDER",)
     detection_model_fields = ("engine",)
-
-    def models(self) -> Sequence[str]:
-        from detectors.segmentation.upernet import SEGMENTERS
-        return list(SEGMENTERS)
 
     def check_config(self, cfg) -> None:
         super().check_config(cfg)
@@ -98,17 +94,6 @@ class SegmentationTask(Task):
         if cfg.data.synthetic is not None:
             return cfg.data.synthetic.num_classes + 1  # and the background
         return len(cfg.data.class_names())
-
-    def build_model(self, cfg, num_classes: int):
-        from detectors.segmentation.upernet import build_segmenter
-        return build_segmenter(cfg.model.detector, num_classes, backbone=cfg.backbone.name, tuning=cfg.tuning.method,
-                               weights=cfg.backbone.weight_file(), hyperparameters=cfg.tuning.hyperparameters,
-                               options=cfg.model.options, drop_path_rate=cfg.backbone.drop_path_rate,
-                               **cfg.backbone.overrides)
-
-    def check_model(self, cfg) -> None:
-        from detectors.segmentation.upernet import check_segmenter
-        check_segmenter(cfg.model.detector, cfg.model.options)
 
     def prepare(self, model, device, world):
         # The recipe's heads normalise with SyncBatchNorm over every GPU's images; it runs on CUDA only.
