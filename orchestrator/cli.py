@@ -84,7 +84,8 @@ def _bench_arguments(commands) -> None:
                        help="timed steps per method, interleaved in rotating order (default 18)")
     bench.add_argument("--detector", default=None,
                        help="measure a whole detector training step: mask_rcnn, faster_rcnn, retinanet "
-                            "(torchvision) or cascade_mask_rcnn (detectron2); default: the backbone alone")
+                            "(torchvision), cascade_mask_rcnn (detectron2), or a model such as upernet or linear; "
+                            "default: the backbone alone")
     bench.add_argument("--engine", default=None, help="detector engine (default: the one that has --detector)")
     _json_flag(bench, "a JSON list")
     bench.set_defaults(func=_cmd_bench)

@@ -10,10 +10,10 @@ from typing import Any, Sequence
 from pydantic import ValidationError
 
 from detectors.errors import UserInputError
-from orchestrator.config import (ExperimentConfig, apply_overrides, describe_error, read_yaml_mapping,
-                                 validate_experiment)
+from orchestrator.config import ExperimentConfig, apply_overrides, describe_error, validate_experiment
 from orchestrator.sweep.schema import SweepConfig, _flatten_space
 from orchestrator.sweep.trials import trial_raw
+from orchestrator.yaml_files import read_yaml_mapping
 
 
 class Sweep:

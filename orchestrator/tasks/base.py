@@ -28,6 +28,7 @@ class Task:
     columns: tuple[Column, ...]
     own_data: tuple[str, ...]  # fields of ``data`` this task reads and some other task does not
     demo_experiment: str  # ``demo --task <name>`` runs this file of experiments/
+    input_fields: tuple[str, ...] = ()  # fields of ``data`` naming files that must exist before a run starts
 
     def models(self) -> Sequence[str]:
         """The names ``model.detector`` may give (``detectors.models``' for this task, unless overridden)."""

@@ -23,6 +23,7 @@ class ClassificationTask(Task):
                Column("delta", "val_classification_top1", delta=True), Column("top-5", "val_classification_top5"))
     own_data = ("root", "crop_size")
     demo_experiment = "demo_classification.yaml"
+    input_fields = ("root",)
     evaluation_data = ("FOLDER",)
 
     def check_config(self, cfg) -> None:

@@ -24,6 +24,7 @@ class DetectionTask(Task):
     own_data = ("train_images", "train_json", "val_images", "val_json", "train_short_edges", "test_short_edge",
                 "max_size")
     demo_experiment = "demo.yaml"
+    input_fields = ("train_images", "train_json", "val_images", "val_json")
     evaluation_data = ("IMAGES", "ANNOTATIONS")
 
     def models(self) -> Sequence[str]:

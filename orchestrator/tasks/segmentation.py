@@ -26,6 +26,7 @@ class SegmentationTask(Task):
     own_data = ("root", "classes", "reduce_zero_label", "scale", "ratio_range", "crop_size", "cat_max_ratio",
                 "slide_stride")
     demo_experiment = "demo_segmentation.yaml"
+    input_fields = ("root",)
     evaluation_data = ("FOLDER",)
     detection_model_fields = ("engine",)
 
