@@ -1,7 +1,5 @@
 """Real training runs: local Ray, Ray Train workers on CPU (gloo), a local MLflow store."""
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,12 +15,6 @@ FAST = ["schedule.iterations=4", "checkpoint.period=2", "schedule.batch_size=2",
         "data.synthetic.num_train=16", "data.synthetic.num_val=4"]
 
 
-def quick_upstream(tmp_path) -> list[str]:
-    """The demo's pre-training cut to two steps, cached in the test's folder."""
-    return ["backbone.upstream.steps=2", "backbone.upstream.warmup_steps=1", "backbone.upstream.batch_size=4",
-            f"backbone.upstream.cache_dir={tmp_path}/pretrained"]
-
-
 def only_run(tracking_uri: str, experiment: str):
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
@@ -36,47 +28,6 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-def test_demo_command_finishes_an_mlflow_run_with_coco_metrics_and_the_adapter_checkpoint(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "demo", *sum((["--set", s] for s in FAST), []), "--set", "scaling.workers=2",
-         "--set", f"output_dir={tmp_path}", "--set", f"data.synthetic.root={tmp_path}/synthetic",
-         *sum((["--set", s] for s in quick_upstream(tmp_path)), [])],
-        capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "mlflow ui --backend-store-uri" in result.stdout and "AP50" in result.stdout
-    assert "pre-trained in" in result.stdout and "upstream validation: objectness" in result.stdout
-    # without a terminal: a few lines for the user, each once (two workers report; rank 0's are shown);
-    # Ray's and pycocotools' own output in the log
-    lines = (result.stdout + result.stderr).splitlines()
-    assert len(lines) <= 40, "\n".join(lines)
-    steps = [line for line in lines if line.startswith("step ")]
-    assert [line.split()[1] for line in steps] == ["1/4", "2/4", "3/4", "4/4"]
-    (log_line,) = [line for line in lines if line.startswith("log: ")]
-    log = Path(log_line.removeprefix("log: ")).read_text()
-    assert "TrainController" in log and "creating index" in log and "Average Precision" in log
-    assert "Traceback" not in result.stdout + result.stderr
-    client, run = only_run(f"sqlite:///{tmp_path}/mlflow.db", "e3va-demo")
-    assert run.info.status == "FINISHED"
-    assert run.data.params["backbone_init"] == "upstream 2 steps s0"
-    assert run.info.artifact_uri.startswith(tmp_path.resolve().as_uri())  # beside the store, not in ./mlruns
-    assert run.data.params["method"] == "e3va" and run.data.params["rank"] == "8"
-    assert run.data.params["workers"] == "2" and run.data.metrics["world_size"] == 2
-    # what a user compares by: the run named for what it is, its tags, its data, the machine's load
-    assert run.info.run_name == "e3va-r8 swin_mini mask_rcnn"
-    assert {k: run.data.tags[k] for k in ("method", "backbone", "detector", "task")} == {
-        "method": "e3va", "backbone": "swin_mini", "detector": "mask_rcnn", "task": "instance-segmentation"}
-    (dataset,) = run.inputs.dataset_inputs
-    assert dataset.dataset.name == "synthetic-shapes-16+4" and dataset.tags[0].value == "train"
-    assert "system/cpu_utilization_percentage" in run.data.metrics and "system/system_memory_usage_megabytes" in \
-        run.data.metrics
-    for name in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
-        assert f"val_bbox_{name}" in run.data.metrics and f"val_segm_{name}" in run.data.metrics
-    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")]
-    assert "checkpoint/trainable.safetensors" in artifacts
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
-    assert steps == [1, 2, 3, 4]
 
 
 def test_two_gloo_workers_take_part_and_split_the_data_by_their_batch_sizes(tmp_path, ray_local):

@@ -26,11 +26,13 @@ def sets(*overrides: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_the_demo_under_a_terminal_shows_a_progress_bar_that_advances(tmp_path):
+def test_the_demo_under_a_terminal_shows_a_progress_bar_and_finishes_an_mlflow_run_with_its_figures(tmp_path):
+    """The demo on two workers, as a person at a terminal runs it: what they see, then what MLflow holds."""
     main, child = pty.openpty()
     demo = subprocess.Popen([sys.executable, "-m", "orchestrator", "demo",
-                             *sets(*TINY, f"output_dir={tmp_path}", f"data.synthetic.root={tmp_path}/synthetic",
-                                   "backbone.upstream.steps=2", "backbone.upstream.batch_size=4",
+                             *sets(*TINY, "scaling.workers=2", f"output_dir={tmp_path}",
+                                   f"data.synthetic.root={tmp_path}/synthetic", "backbone.upstream.steps=2",
+                                   "backbone.upstream.batch_size=4", "backbone.upstream.warmup_steps=1",
                                    f"backbone.upstream.cache_dir={tmp_path}/pretrained")],
                             stdin=child, stdout=child, stderr=child, close_fds=True)
     os.close(child)
@@ -56,3 +58,33 @@ def test_the_demo_under_a_terminal_shows_a_progress_bar_that_advances(tmp_path):
     assert "loss" in text and not re.search(r"^step \d", text, re.M)
     assert "AP50" in text and "mlflow ui --backend-store-uri" in text
     assert re.search(r"pre-training:\s+100%\|", text), text[:2000]  # the upstream pre-training's own bar
+    assert "pre-trained in" in text and "upstream validation: objectness" in text and "Traceback" not in text
+    (log_line,) = [line for line in text.splitlines() if line.startswith("log: ")]
+    log = Path(log_line.removeprefix("log: ").strip()).read_text()  # Ray's and pycocotools' own output
+    assert "TrainController" in log and "creating index" in log and "Average Precision" in log
+    assert_the_demo_run_in_mlflow(tmp_path)
+
+
+def assert_the_demo_run_in_mlflow(root: Path) -> None:
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("e3va-demo").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["backbone_init"] == "upstream 2 steps s0"
+    assert run.info.artifact_uri.startswith(root.resolve().as_uri())  # beside the store, not in ./mlruns
+    assert run.data.params["method"] == "e3va" and run.data.params["rank"] == "8"
+    assert run.data.params["workers"] == "2" and run.data.metrics["world_size"] == 2
+    # what a user compares by: the run named for what it is, its tags, its data, the machine's load
+    assert run.info.run_name == "e3va-r8 swin_mini mask_rcnn"
+    assert {k: run.data.tags[k] for k in ("method", "backbone", "detector", "task")} == {
+        "method": "e3va", "backbone": "swin_mini", "detector": "mask_rcnn", "task": "instance-segmentation"}
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "synthetic-shapes-8+4" and dataset.tags[0].value == "train"
+    assert "system/cpu_utilization_percentage" in run.data.metrics and "system/system_memory_usage_megabytes" in \
+        run.data.metrics
+    for name in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+        assert f"val_bbox_{name}" in run.data.metrics and f"val_segm_{name}" in run.data.metrics
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")]
+    assert "checkpoint/trainable.safetensors" in artifacts
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert steps == [1, 2, 3, 4, 5, 6]
