@@ -159,9 +159,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.console import CONSOLE, internals_to, verbose_requested
     from orchestrator.run import preflight, run_experiment
     from orchestrator.summary import print_summary
-    preflight(cfg)  # bad input is one line before the run's folder and log exist
+    checked = preflight(cfg)  # bad input is one line before the run's folder and log exist
     with internals_to(cfg.run_dir / "run.log", verbose_requested(args.verbose)):
-        outcome = run_experiment(cfg, show_progress=True, checked=True)
+        outcome = run_experiment(cfg, show_progress=True, checked=checked)
         print_summary(cfg, outcome)
         CONSOLE.say(f"finished: MLflow run {outcome['run_id']} in {outcome['tracking_uri']}")
     return 0

@@ -27,9 +27,9 @@ def run_demo(overrides: Sequence[str] = (), verbose: bool = False, task: str = "
         raise UserInputError(f"the demo experiment {experiment} is missing: run the demo from a checkout "
                              f"installed with pip install -e .")
     cfg = load_experiment(experiment, overrides)
-    preflight(cfg)  # bad input is one line before the run's folder and log exist
+    checked = preflight(cfg)  # bad input is one line before the run's folder and log exist
     with internals_to(cfg.run_dir / "run.log", verbose):
-        outcome = run_experiment(cfg, show_progress=True, checked=True)
+        outcome = run_experiment(cfg, show_progress=True, checked=checked)
         print_summary(cfg, outcome, f"E3VA {cfg.backbone.name} {cfg.model.detector} on the synthetic validation "
                                     f"split after {cfg.schedule.iterations} iterations:")
         uri = outcome["tracking_uri"]

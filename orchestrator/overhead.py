@@ -46,7 +46,7 @@ def measure_overhead(cfg: ExperimentConfig, rounds: int = 2) -> dict:
                 if path == "plain loop":
                     metrics = train_locally(run_cfg)
                 else:
-                    metrics = build_trainer(run_cfg, None, None).fit().metrics
+                    metrics = build_trainer(run_cfg, None, None, resume=None).fit().metrics  # a fresh folder
                 rows.append({"round": round_ + 1, "path": path, "seconds_per_iteration": metrics[SPEED],
                              "wall_seconds": time.perf_counter() - started})
     speed = {(r["round"], r["path"]): r["seconds_per_iteration"] for r in rows}

@@ -8,6 +8,7 @@ dies (``FailureConfig``) and when the whole command is run again with the same n
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,7 +34,13 @@ class RunFailedError(RuntimeError):
     """Training failed for a reason that is not the user's input; its message is one line."""
 
 
-def preflight(cfg: ExperimentConfig) -> None:
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """What ``preflight`` found: the checkpoint the run continues from, ``(path, state)``, if any."""
+    resume: tuple[str, dict[str, Any]] | None
+
+
+def preflight(cfg: ExperimentConfig) -> Checked:
     """Fail fast, with one line, on anything the run would trip over later."""
     if cfg.backbone.name not in SWIN_SPECS:
         raise UserInputError(f"backbone.name: unknown backbone {cfg.backbone.name!r}; "
@@ -54,9 +61,11 @@ def preflight(cfg: ExperimentConfig) -> None:
         except UserInputError as exc:
             raise UserInputError(f"backbone.{'upstream' if cfg.backbone.upstream else 'weights'}: {exc}") from None
     cfg.task.check_files(cfg)
+    return Checked(resume)
 
 
-def build_trainer(cfg: ExperimentConfig, uri: str | None, run_id: str | None, *, fail_at_step: int | None = None,
+def build_trainer(cfg: ExperimentConfig, uri: str | None, run_id: str | None, *,
+                  resume: tuple[str, dict[str, Any]] | None, fail_at_step: int | None = None,
                   callbacks: Sequence[Any] = (), logged_through: int = 0, progress: Any = None):
     """The ``TorchTrainer`` of one run. Ray Train finds the run's checkpoints under the same name and
     storage path and hands the newest to the workers: a command run again continues the run."""
@@ -64,7 +73,6 @@ def build_trainer(cfg: ExperimentConfig, uri: str | None, run_id: str | None, *,
     from ray.train.torch import TorchTrainer
 
     storage = cfg.ray_storage()
-    resume = newest_checkpoint(storage, storage.path(cfg.name))
     scaling = cfg.scaling
     tracking = [metrics_callback(uri, run_id, logged_through)] if uri and run_id else []
     return TorchTrainer(
@@ -105,12 +113,11 @@ def worker_user_error(exc: BaseException) -> UserInputError | None:
 def run_experiment(cfg: ExperimentConfig, fail_at_step: int | None = None, *,
                    parent_run_id: str | None = None, extra_params: dict[str, Any] | None = None,
                    callbacks: Sequence[Any] = (), show_progress: bool = False,
-                   checked: bool = False) -> dict[str, Any]:
-    """``checked``: the caller ran ``preflight(cfg)`` already (before it wrote anything)."""
+                   checked: Checked | None = None) -> dict[str, Any]:
+    """``checked``: what ``preflight(cfg)`` found, where the caller ran it already (before it wrote anything)."""
     import ray
 
-    if not checked:
-        preflight(cfg)
+    resume = (checked or preflight(cfg)).resume  # looked up once: MLflow's record and the workers go by it
     run_dir = cfg.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run_dir / "experiment.yaml"
@@ -122,13 +129,15 @@ def run_experiment(cfg: ExperimentConfig, fail_at_step: int | None = None, *,
     check_storage_reach(cfg.ray_storage(), nodes, cfg.scaling.worker_resources(),
                         ray.get_runtime_context().get_node_id(), fixed_cluster=cfg.scaling.check_cluster)
     uri = cfg.tracking.uri or default_uri(run_dir)
-    client, run_id = start_mlflow_run(cfg, uri, parent_run_id=parent_run_id, extra_params=extra_params)
+    client, run_id = start_mlflow_run(cfg, uri, resuming=resume is not None, parent_run_id=parent_run_id,
+                                      extra_params=extra_params)
     status = "FAILED"
-    logged_through = _log_checkpointed_reports(cfg, uri, run_id, _last_logged_step(client, run_id))
+    logged_through = _log_checkpointed_reports(uri, run_id, resume, _last_logged_step(client, run_id))
     monitor = system_metrics_monitor(run_id, uri, resume=logged_through > 0) if run_id else None
     try:
         progress = progress_channel() if show_progress else None
-        trainer = build_trainer(cfg, uri, run_id, fail_at_step=fail_at_step, logged_through=logged_through,
+        trainer = build_trainer(cfg, uri, run_id, resume=resume, fail_at_step=fail_at_step,
+                                logged_through=logged_through,
                                 callbacks=[*callbacks, *([] if progress is None else [progress_callback(progress)])],
                                 progress=progress)
         try:
@@ -168,18 +177,15 @@ def _last_logged_step(client, run_id: str | None) -> int:
         return 0
 
 
-def _log_checkpointed_reports(cfg: ExperimentConfig, uri: str, run_id: str | None, logged_through: int) -> int:
+def _log_checkpointed_reports(uri: str, run_id: str | None, resume: tuple[str, dict[str, Any]] | None,
+                              logged_through: int) -> int:
     """A run resumed from a checkpoint whose reports the driver never logged (it was stopped between
     the checkpoint's upload and the report reaching it): log them now, from the checkpoint. Returns the
     last step MLflow then holds; the steps the workers redo up to it are not logged again."""
-    if run_id is None:
-        return logged_through
-    storage = cfg.ray_storage()
-    found = newest_checkpoint(storage, storage.path(cfg.name))
-    if found is None:
+    if run_id is None or resume is None:
         return logged_through
     tracker = Tracker(uri, run_id)
-    for report in found[1].get("history", []):
+    for report in resume[1].get("history", []):
         if report.get("step", 0) > logged_through:
             tracker.log_metrics(report, report["step"])
             logged_through = report["step"]
@@ -206,4 +212,4 @@ def _log_results(client, run_id: str, result, resolved: Path, run_dir: Path) -> 
             client.log_artifact(run_id, str(Path(directory) / STATE), "checkpoint")
 
 
-__all__ = ["run_experiment", "build_trainer", "preflight", "RunFailedError"]
+__all__ = ["run_experiment", "build_trainer", "preflight", "Checked", "RunFailedError"]

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 from detectors.errors import UserInputError
 from detectors.params import count_parameters
-from orchestrator.checkpointing import newest_checkpoint
 
 if TYPE_CHECKING:
     from orchestrator.config import ExperimentConfig
@@ -229,9 +228,10 @@ def remembered_run_id(cfg: ExperimentConfig) -> str | None:
     return text.strip() if text else None
 
 
-def start_mlflow_run(cfg: ExperimentConfig, uri: str, *, parent_run_id: str | None = None,
+def start_mlflow_run(cfg: ExperimentConfig, uri: str, *, resuming: bool, parent_run_id: str | None = None,
                      extra_params: dict[str, Any] | None = None) -> tuple[Any, str | None]:
-    """The MLflow run of this training run: the one it had before when it resumes, else a new one.
+    """The MLflow run of this training run: the one it had before when it resumes (``resuming``: its storage
+    holds a checkpoint), else a new one.
 
     Returns ``(client, None)`` when the tracking server cannot be reached: training goes on.
     """
@@ -242,7 +242,7 @@ def start_mlflow_run(cfg: ExperimentConfig, uri: str, *, parent_run_id: str | No
     storage = cfg.run_storage()
     try:
         run_id = remembered_run_id(cfg)
-        if run_id is not None and newest_checkpoint(storage, storage.root) is not None:
+        if run_id is not None and resuming:
             status = client.get_run(run_id).info.status
             if status == "FINISHED":
                 raise UserInputError(f"{storage.uri} already holds the finished run {run_id}; "
