@@ -3,7 +3,8 @@
 fixed synthetic data, so that the bench and the memory planner measure every model alike.
 
 Detectors come from the engines (``detectors.engines``). A model registers itself in its own module,
-``MODELS.register(name)(ModelSpec(...))``; the modules that do are imported on first use.
+``MODELS.register(name)(ModelSpec(...))``, and that module is named in ``_MODULES`` here, which are
+imported on first use (so that importing ``detectors`` stays light).
 """
 from __future__ import annotations
 

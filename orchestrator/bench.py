@@ -81,6 +81,8 @@ def run_bench_tasks(tasks: int, method: str, backbone: str, detector: str, size:
         raise UserInputError("--tasks must be at least 2, --images and --rounds at least 1")
     resolve_method(method)
     engine = _engine_for(detector, None)
+    if engine is None:
+        raise UserInputError(f"--detector: bench-tasks measures detectors (mask_rcnn, retinanet, ...), not {detector}")
     # an untrained head finds nothing; random trained weights find 100 boxes each: keep the heads' share modest
     options = {"detector_options": dict(rpn_post_nms_top_n_test=300, box_detections_per_img=20)} \
         if engine == "torchvision" and detector != "retinanet" else {}

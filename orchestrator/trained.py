@@ -79,7 +79,7 @@ def load_trained(source: str | Path, *, weights: str | None = None, tracking_uri
     state = _read_state(checkpoint)
     classes = state.get("identity", {}).get("classes") or _classes_from_data(cfg)
     if data is not None:
-        cfg = load_experiment(experiment, [*overrides, *cfg.task.data_overrides(data, classes)])
+        cfg = load_experiment(experiment, [*overrides, *cfg.task.data_overrides(cfg, data, classes)])
     _check_frozen_weights_exist(cfg)
     torch.manual_seed(cfg.seed)  # the run's frozen initialisation, where no weights file is named
     from orchestrator.train_loop import build_model, config_identity

@@ -36,7 +36,7 @@ def evaluate_run(source: str, *, data: Sequence[str] | None = None, overrides: S
     task = load_trained(source, weights=weights, tracking_uri=tracking_uri, overrides=overrides, data=data)
     kind = task.cfg.task
     val = kind.build_val_dataset(task.cfg)
-    _check_classes(task, val)
+    kind.check_classes(task, val)
     from tqdm import tqdm
     with computing_as_trained(task), tqdm(total=len(val), unit="image", desc="evaluating",
                                           disable=not CONSOLE.isatty(), leave=False) as bar:
@@ -91,12 +91,6 @@ def _log_to_run(source: str, tracking_uri: str | None, figures: dict[str, float]
             raise UserInputError(f"--log: {source} does not record its MLflow run (give runs:/<run_id>)")
     Tracker(uri, run_id).log_metrics({f"evaluate/{k}": v for k, v in figures.items()}, step=0)
     CONSOLE.say(f"logged to MLflow run {run_id} as evaluate_*")
-
-
-def _check_classes(task: TrainedTask, val) -> None:
-    if val.num_classes != len(task.classes):
-        raise UserInputError(f"{task.cfg.task.data_source(task.cfg)} has {val.num_classes} classes, the model "
-                             f"{task.source} was trained for {len(task.classes)}")
 
 
 # --------------------------------------------------------------------------------------------

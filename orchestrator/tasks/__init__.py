@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from orchestrator.tasks.base import TASKS, Column, Task, check_data_count, metric_safe, register_task
+from orchestrator.tasks.base import TASKS, Column, Task, check_data_count, metric_safe, quoted, register_task
 
 _HELPERS = {"base", "pictures"}  # modules of this package that define no task
 for _module in pkgutil.iter_modules(__path__):
@@ -44,4 +44,4 @@ def task_of(cfg) -> Task:
     raise ValueError(f"model.detector: unknown model {cfg.model.detector!r}; the tasks and their models: {known}")
 
 
-__all__ = ["Column", "Task", "TASKS", "check_data_count", "metric_safe", "register_task", "task_of"]
+__all__ = ["Column", "Task", "TASKS", "check_data_count", "metric_safe", "quoted", "register_task", "task_of"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,7 +27,8 @@ class Task:
     name: str
     headline: str  # what a sweep's trial lines show and ASHA usually optimises, as reported (val/...)
     columns: tuple[Column, ...]
-    own_data: tuple[str, ...]  # fields of ``data`` this task reads and some other task does not
+    own_data: tuple[str, ...]  # fields of ``data`` this task reads that not every task does
+    own_model: tuple[str, ...] = ()  # fields of ``model`` only this task reads
     demo_experiment: str  # ``demo --task <name>`` runs this file of experiments/
     input_fields: tuple[str, ...] = ()  # fields of ``data`` naming files that must exist before a run starts
 
@@ -42,6 +44,11 @@ class Task:
             if foreign:
                 owners = " and ".join(t.name for t in TASKS.values() if foreign[0] in t.own_data)
                 raise ValueError(f"data.{foreign[0]}: a {owners} field, but this experiment's task is {self.name} "
+                                 f"(model.detector: {cfg.model.detector})")
+            given = [f for f in task.own_model if task is not self
+                     and getattr(cfg.model, f) != type(cfg.model).model_fields[f].default]
+            if given:
+                raise ValueError(f"model.{given[0]}: a {task.name} field, but this experiment's task is {self.name} "
                                  f"(model.detector: {cfg.model.detector})")
 
     def dataset_paths(self, cfg) -> dict[str, Any]:
@@ -124,10 +131,17 @@ class Task:
 
     evaluation_data: tuple[str, ...]  # what ``evaluate --data`` takes, e.g. ("IMAGES", "ANNOTATIONS")
 
-    def data_overrides(self, data: Sequence[str], classes: list[dict[str, Any]]) -> list[str]:
-        """``evaluate --data`` as ``--set`` items that make those files the experiment's validation split
-        (``classes``: the trained model's, for data that does not name its own)."""
+    def data_overrides(self, cfg, data: Sequence[str], classes: list[dict[str, Any]]) -> list[str]:
+        """``evaluate --data`` as ``--set`` items that make those files the experiment's (``cfg``'s) validation
+        split, read as the run read its own (``classes``: the trained model's, for data that does not name its
+        own). Paths go through ``quoted``."""
         raise NotImplementedError
+
+    def check_classes(self, trained, dataset) -> None:
+        """That ``dataset`` (another validation split) has the classes the model was trained for."""
+        if dataset.num_classes != len(trained.classes):
+            raise UserInputError(f"{self.data_source(trained.cfg)} has {dataset.num_classes} classes, the model "
+                                 f"{trained.source} was trained for {len(trained.classes)}")
 
     def data_source(self, cfg) -> str:
         """The validation split, in words (what ``evaluate`` scored)."""
@@ -141,6 +155,11 @@ class Task:
     def write_prediction(self, folder: Path, stem: str, picture: torch.Tensor, found: Any, trained) -> None:
         """``<stem>.json`` and the pictures that show ``found`` (``<stem>.png``, and what else the task draws)."""
         raise NotImplementedError
+
+
+def quoted(value: Any) -> str:
+    """A value for a ``--set`` item, read back as itself (a path like ``runs #1`` or ``yes`` stays a string)."""
+    return json.dumps(value, ensure_ascii=False)
 
 
 def check_data_count(task: Task, data: Sequence[str]) -> None:

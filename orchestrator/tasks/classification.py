@@ -9,11 +9,9 @@ from typing import Any
 
 import torch
 
-from orchestrator.tasks.base import Column, Task, check_data_count, register_task
+from detectors.errors import UserInputError
+from orchestrator.tasks.base import Column, Task, check_data_count, quoted, register_task
 from orchestrator.tasks.pictures import colour, with_legend
-
-DEFAULT_SIZE = (224, 224)  # a folder's images, unless data.crop_size says otherwise
-
 
 @register_task
 class ClassificationTask(Task):
@@ -32,11 +30,8 @@ class ClassificationTask(Task):
             raise ValueError("data: give either 'synthetic' or 'root' (an ImageFolder-layout folder), one of them")
 
     def image_size(self, cfg) -> tuple[int, int]:
-        """What every image is resized to: ``data.crop_size`` when given, else the synthetic images' own size
-        or 224 x 224."""
-        if cfg.data.given("crop_size"):
-            return tuple(cfg.data.crop_size)
-        return tuple(cfg.data.synthetic.image_size) if cfg.data.synthetic is not None else DEFAULT_SIZE
+        """What every image is resized to: the synthetic images' own size, or a folder's ``data.crop_size``."""
+        return tuple(cfg.data.synthetic.image_size if cfg.data.synthetic is not None else cfg.data.crop_size)
 
     def dataset_paths(self, cfg) -> dict[str, Any]:
         from detectors.classification import make_synthetic_classification
@@ -106,9 +101,18 @@ class ClassificationTask(Task):
         files = sorted(p for split in ("train", "val") for p in (root / split).rglob("*") if p.is_file())[:2000]
         return name, files, root
 
-    def data_overrides(self, data, classes):
+    def data_overrides(self, cfg, data, classes):
         check_data_count(self, data)
-        return ["data.synthetic=null", f"data.root={data[0]}"]
+        return ["data.synthetic=null", f"data.root={quoted(data[0])}", f"data.crop_size={list(self.image_size(cfg))}"]
+
+    def check_classes(self, trained, dataset) -> None:
+        """The folder's class folders must be the model's classes: a class index means one class."""
+        theirs, ours = dataset.class_names, [c["name"] for c in trained.classes]
+        if theirs != ours:
+            differ = next((f"{a!r} where the model has {b!r}" for a, b in zip(theirs, ours) if a != b),
+                          f"{len(theirs)} classes, the model {len(ours)}")
+            raise UserInputError(f"{self.data_source(trained.cfg)}: its class folders are not the classes "
+                                 f"{trained.source} was trained for ({differ})")
 
     def data_source(self, cfg) -> str:
         return str(cfg.data.root or "the synthetic validation split")

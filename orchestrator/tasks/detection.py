@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from orchestrator.tasks.base import Column, Task, check_data_count, register_task
+from orchestrator.tasks.base import Column, Task, check_data_count, quoted, register_task
 from orchestrator.tasks.pictures import colour
 
 
@@ -25,6 +25,7 @@ class DetectionTask(Task):
                 "max_size")
     demo_experiment = "demo.yaml"
     input_fields = ("train_images", "train_json", "val_images", "val_json")
+    own_model = ("engine",)
     evaluation_data = ("IMAGES", "ANNOTATIONS")
 
     def models(self) -> Sequence[str]:
@@ -132,9 +133,9 @@ class DetectionTask(Task):
                 else Path(paths["train_json"]).stem)
         return name, [Path(paths["train_json"]), Path(paths["val_json"])], Path(paths["train_json"])
 
-    def data_overrides(self, data, classes):
+    def data_overrides(self, cfg, data, classes):
         check_data_count(self, data)
-        images, annotations = data
+        images, annotations = quoted(data[0]), quoted(data[1])
         return ["data.synthetic=null", f"data.train_images={images}", f"data.train_json={annotations}",
                 f"data.val_images={images}", f"data.val_json={annotations}"]
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from detectors.errors import UserInputError
-from orchestrator.tasks.base import Column, Task, check_data_count, metric_safe, register_task
+from orchestrator.tasks.base import Column, Task, check_data_count, metric_safe, quoted, register_task
 from orchestrator.tasks.pictures import colour, palette
 
 
@@ -28,15 +28,8 @@ class SegmentationTask(Task):
     demo_experiment = "demo_segmentation.yaml"
     input_fields = ("root",)
     evaluation_data = ("FOLDER",)
-    detection_model_fields = ("engine",)
-
     def check_config(self, cfg) -> None:
         super().check_config(cfg)
-        given = [f for f in self.detection_model_fields
-                 if getattr(cfg.model, f) != type(cfg.model).model_fields[f].default]
-        if given:
-            raise ValueError(f"model.{given[0]}: a detection field, but this experiment's task is segmentation "
-                             f"(model.detector: {cfg.model.detector})")
         d = cfg.data
         if (d.synthetic is None) == (d.root is None):
             raise ValueError("data: give either 'synthetic' or 'root' (an ADE20K-layout folder), one of them")
@@ -144,10 +137,10 @@ class SegmentationTask(Task):
         files = sorted((root / "annotations").rglob("*.png"))[:2000]  # the labels: what a dataset version changes
         return name, files, root
 
-    def data_overrides(self, data, classes):
+    def data_overrides(self, cfg, data, classes):
         check_data_count(self, data)
-        names = json.dumps([c["name"] for c in classes])  # a label PNG holds indices; the model names them
-        return ["data.synthetic=null", f"data.root={data[0]}", f"data.classes={names}"]
+        names = quoted([c["name"] for c in classes])  # a label PNG holds indices; the model names them
+        return ["data.synthetic=null", f"data.root={quoted(data[0])}", f"data.classes={names}"]
 
     def data_source(self, cfg) -> str:
         return str(cfg.data.root or "the synthetic validation split")
@@ -163,19 +156,29 @@ class SegmentationTask(Task):
                 "classes": [_class_region(labels, index, trained.classes[index]) for index in labels.unique().tolist()]}
 
     def write_prediction(self, folder, stem, picture, found, trained):
-        """``<stem>.json``; ``<stem>_labels.png``, the class of each pixel (palette PNG, the legend's colours);
-        ``<stem>.png``, the classes blended over the picture with a legend."""
+        """``<stem>.json``; ``<stem>_labels.png``, each pixel's class as the dataset's label files number it
+        (with ``reduce_zero_label``, 0 is "other" and 1..K the classes), a palette PNG in the legend's colours
+        (16-bit grey beyond 255 labels); ``<stem>.png``, the classes blended over the picture with a legend."""
         from torchvision.transforms.functional import to_pil_image
         from orchestrator.tasks.pictures import with_legend
         (folder / f"{stem}.json").write_text(json.dumps(found))
         labels = label_map(found)
-        label_file = Image.fromarray(labels.numpy().astype(np.uint8))  # L; a palette makes it P
-        label_file.putpalette(palette(len(trained.classes)))
-        label_file.save(folder / f"{stem}_labels.png")
-        overlay = Image.blend(to_pil_image(picture), label_file.convert("RGB"), alpha=0.5)
+        shift = int(trained.cfg.data.reduce_zero_label)
+        _label_file(labels + shift, len(trained.classes) + shift, shift).save(folder / f"{stem}_labels.png")
+        coloured = torch.tensor([colour(i) for i in range(len(trained.classes))], dtype=torch.uint8)[labels]
+        overlay = Image.blend(to_pil_image(picture), to_pil_image(coloured.permute(2, 0, 1)), alpha=0.5)
         entries = [(f"{c['name']} {100 * c['pixels'] / labels.numel():.0f}%", colour(c["id"]))
                    for c in sorted(found["classes"], key=lambda c: -c["pixels"])]
         with_legend(overlay, entries).save(folder / f"{stem}.png")
+
+
+def _label_file(values: torch.Tensor, count: int, shift: int) -> Image.Image:
+    """Label values as a palette PNG (class i in ``colour(i)``, "other" black), or 16-bit grey past 256 values."""
+    if count > 256:
+        return Image.fromarray(values.numpy().astype(np.uint16))
+    picture = Image.fromarray(values.numpy().astype(np.uint8))  # L; a palette makes it P
+    picture.putpalette([0, 0, 0] * shift + palette(count - shift))
+    return picture
 
 
 def _slide(cfg) -> tuple[tuple[int, int], tuple[int, int]] | None:

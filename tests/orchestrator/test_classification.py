@@ -3,6 +3,7 @@ on an E3VA Swin trained with ``run``, scored again in one process and on a folde
 compared, and bad input refused in one line. ``serve`` answers it beside detection and segmentation runs
 (test_after_training)."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,36 +49,51 @@ def test_a_linear_head_on_an_e3va_swin_learns_the_shapes_through_run(trained_cla
     assert "top-1" in trained["stdout"] and "top-5" in trained["stdout"]  # the run's table
 
 
-def test_evaluate_again_and_on_a_folder_scores_what_the_run_logged(trained_classification, tmp_path):
+def test_evaluate_again_scores_what_the_run_logged(trained_classification, tmp_path):
     trained = trained_classification
-    logged = trained["run"].data.metrics
-    again = cli("evaluate", str(trained["run_dir"]), "--json", "--out", str(tmp_path / "again.json"))
-    folder = cli("evaluate", str(trained["run_dir"]), "--data", str(trained["root"] / "synthetic"), "--json",
-                 "--out", str(tmp_path / "folder.json"))
-    for result in (again, folder):
-        assert result.returncode == 0, result.stderr[-3000:]
-        figures = json.loads(result.stdout)
-        assert figures.keys() == {"val_classification_top1", "val_classification_top5"}
-        assert all(abs(figures[k] - logged[k]) <= 1e-9 for k in figures)
+    result = cli("evaluate", str(trained["run_dir"]), "--json", "--out", str(tmp_path / "again.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures, logged = json.loads(result.stdout), trained["run"].data.metrics
+    assert figures.keys() == {"val_classification_top1", "val_classification_top5"}
+    assert all(abs(figures[k] - logged[k]) <= 1e-9 for k in figures)
 
 
 def test_predict_names_each_picture_as_evaluation_scored_it_and_draws_the_likeliest(trained_classification,
                                                                                      tmp_path):
+    """``predict`` on every validation picture: its top-1 names score the top-1 the run logged; ``evaluate
+    --data`` on a folder of some of them scores what predict's names for them score; a folder of other
+    classes is refused in one line."""
     trained = trained_classification
     val = trained["root"] / "synthetic" / "val"
     images = sorted(val.rglob("*.png"))
     result = cli("predict", str(trained["run_dir"]), "--images", *map(str, images), "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr[-3000:]
     folder = tmp_path / "out" / "tiny_classification"
-    right = 0
+    right = {}
     for image in images:
         found = json.loads((folder / f"{image.stem}.json").read_text())["classes"]
         scores = [c["score"] for c in found]
         assert len(found) == 3 and scores == sorted(scores, reverse=True) and abs(sum(scores) - 1) < 1e-5
-        right += found[0]["name"] == image.parent.name  # the class folder names the truth
+        right[image] = found[0]["name"] == image.parent.name  # the class folder names the truth
         picture = np.asarray(Image.open(folder / f"{image.stem}.png").convert("RGB"))
         assert picture.shape[1] > Image.open(image).width + 40  # the legend beside the picture
-    assert abs(100 * right / len(images) - trained["run"].data.metrics["val_classification_top1"]) <= 1e-9
+    logged = trained["run"].data.metrics["val_classification_top1"]
+    assert abs(100 * sum(right.values()) / len(images) - logged) <= 1e-9
+
+    subset = tmp_path / "subset: yes"  # a path YAML would read as a mapping
+    some = images[::2]
+    for image in some:
+        (subset / "val" / image.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, subset / "val" / image.parent.name)
+    result = cli("evaluate", str(trained["run_dir"]), "--data", str(subset), "--json", "--out",
+                 str(tmp_path / "subset.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = 100 * sum(right[image] for image in some) / len(some)
+    assert abs(json.loads(result.stdout)["val_classification_top1"] - expected) <= 1e-9
+    write_folder(tmp_path / "others", {"val": ["circle", "square", "star"]})
+    wrong = cli("evaluate", str(trained["run_dir"]), "--data", str(tmp_path / "others"))
+    assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1
+    assert "'star' where the model has 'triangle'" in wrong.stderr
 
 
 def test_compare_tabulates_top1_and_its_difference(trained_classification, tmp_path, capsys):
@@ -98,6 +114,7 @@ def write_folder(root: Path, classes: dict[str, list[str]]) -> None:
 @pytest.mark.parametrize("override, message", [
     ("data.scale=[64, 64]", "data.scale: a segmentation field, but this experiment's task is classification"),
     ("data.max_size=512", "data.max_size: a detection field"),
+    ("model.engine=detectron2", "model.engine: a detection field, but this experiment's task is classification"),
     ("model.options={dropout: 0.1}", "model.options: dropout is not an option of linear"),
     ("data.root=x", "data: give either 'synthetic' or 'root'"),
 ])
