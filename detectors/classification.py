@@ -6,7 +6,6 @@ is the highway's output, so a classifier tunes the same modules a detector does.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from torch import nn
 
-from detectors.data._atomic import atomic_save_png, atomic_write_json
+from detectors.data._atomic import atomic_save_png, atomic_write_json, written_with
 from detectors.data.images import read_rgb
 from detectors.data.synthetic import COLOUR_MODES, SHAPE_CLASSES, _background, _paint, _rasterise
 from detectors.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -146,12 +145,8 @@ def make_synthetic_classification(out_dir: str | Path, num_train: int = 64, num_
               "image_size": [int(v) for v in image_size], "num_classes": num_classes, "seed": seed,
               "colours": colours}
     manifest = out / "manifest.json"
-    try:
-        if json.loads(manifest.read_text()) == params:
-            return out
-    except (OSError, ValueError):
-        pass
-    manifest.unlink(missing_ok=True)
+    if written_with(manifest, params):
+        return out
     for split_index, (split, count) in enumerate(zip(SPLITS, (num_train, num_val))):
         for index in range(1, count + 1):
             rng = np.random.default_rng([seed, split_index, index])

@@ -44,6 +44,18 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, json.dumps(obj, separators=(",", ":")).encode("utf-8"), durable=True)
 
 
+def written_with(manifest: Path, params: dict[str, Any]) -> bool:
+    """Whether the folder of ``manifest`` was written completely with ``params`` (the manifest is written last).
+    If not, the stale manifest goes first, so an interrupted rewrite is never taken for a complete one."""
+    try:
+        if json.loads(manifest.read_text()) == params:
+            return True
+    except (OSError, ValueError):
+        pass
+    manifest.unlink(missing_ok=True)
+    return False
+
+
 def atomic_save_png(path: str | os.PathLike, pixels: np.ndarray) -> None:
     """Atomically write an HxWx3 uint8 array as PNG (PIL's PNG writer is byte-deterministic)."""
     buf = io.BytesIO()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +23,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
-from detectors.data._atomic import atomic_write_bytes, atomic_write_json
+from detectors.data._atomic import atomic_write_bytes, atomic_write_json, written_with
 from detectors.data.images import read_rgb
 from detectors.data.synthetic import SHAPE_CLASSES, _draw_image
 from detectors.errors import UserInputError
@@ -163,12 +162,8 @@ def make_synthetic_segmentation(out_dir: str | Path, num_train: int = 48, num_va
     result = {"root": str(out), "class_names": ["background", *SHAPE_CLASSES[:num_classes]],
               "reduce_zero_label": False}
     manifest = out / "manifest.json"
-    try:
-        if json.loads(manifest.read_text()) == params:
-            return result
-    except (OSError, ValueError):
-        pass
-    manifest.unlink(missing_ok=True)
+    if written_with(manifest, params):
+        return result
     for split_index, (split, count) in enumerate(zip(SPLITS, (num_train, num_val))):
         for index in range(1, count + 1):
             rng = np.random.default_rng([seed, split_index, index])
