@@ -18,7 +18,7 @@ from torch import nn
 from detectors.data._atomic import atomic_save_png, atomic_write_json, written_with
 from detectors.data.images import read_rgb
 from detectors.data.synthetic import COLOUR_MODES, SHAPE_CLASSES, _background, _paint, _rasterise
-from detectors.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from detectors.data.transforms import normalise
 from detectors.errors import UserInputError
 from detectors.models import MODELS, ModelSpec
 
@@ -46,13 +46,6 @@ def _synthetic_loss(model: LinearClassifier, images: torch.Tensor, num_classes: 
 
 
 MODELS.register("linear")(ModelSpec("classification", LinearClassifier, _synthetic_loss, bench_classes=1000))
-
-
-def normalise(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) with ImageNet's statistics, as the backbones were pre-trained."""
-    mean = torch.tensor([255 * v for v in IMAGENET_MEAN], device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor([255 * v for v in IMAGENET_STD], device=images.device).view(1, 3, 1, 1)
-    return (images.float() - mean) / std
 
 
 def resize(picture: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

@@ -21,6 +21,13 @@ Transform = Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]]
 # The statistics every Swin checkpoint was pre-trained with (on 0..1 pixels; times 255 for 0..255)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_MEAN_255 = torch.tensor([255 * v for v in IMAGENET_MEAN]).view(1, 3, 1, 1)
+_STD_255 = torch.tensor([255 * v for v in IMAGENET_STD]).view(1, 3, 1, 1)
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) with ImageNet's statistics, as the backbones were pre-trained."""
+    return (images.float() - _MEAN_255.to(images.device)) / _STD_255.to(images.device)
 
 # Multi-scale training of the Swin detection papers: short edge 480..800 in steps of 32.
 SWIN_TRAIN_SHORT_EDGES: tuple[int, ...] = tuple(range(480, 801, 32))

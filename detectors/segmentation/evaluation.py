@@ -11,19 +11,11 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from detectors.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from detectors.data.transforms import normalise
 from detectors.segmentation.data import SegmentationFolder
 from detectors.segmentation.metrics import ConfusionMatrix
 from detectors.segmentation.transforms import EvalTransform
 from detectors.segmentation.upernet import UPerNet, slide_inference
-
-_MEAN = torch.tensor([255 * v for v in IMAGENET_MEAN]).view(1, 3, 1, 1)
-_STD = torch.tensor([255 * v for v in IMAGENET_STD]).view(1, 3, 1, 1)
-
-
-def normalise(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) with ImageNet's statistics, as the backbones were pre-trained."""
-    return (images.float() - _MEAN.to(images.device)) / _STD.to(images.device)
 
 
 @torch.no_grad()
