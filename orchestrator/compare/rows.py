@@ -109,11 +109,24 @@ def find_runs(client, experiment: str | None, parent_run_id: str | None) -> tupl
     where = f"tags.mlflow.parentRunId = '{parent_run_id}'" if parent_run_id else ""
     runs = client.search_runs(experiment_ids, filter_string=where, max_results=5000, order_by=["start_time ASC"])
     parents = {r.data.tags.get("mlflow.parentRunId") for r in runs}
-    runs = [r for r in runs if r.info.run_id not in parents and r.data.tags.get("sweep.parent") != "true"]
+    runs = one_run_per_trial([r for r in runs if r.info.run_id not in parents and r.data.tags.get("sweep.parent") != "true"])
     if not runs:
         what = f"child runs of {parent_run_id}" if parent_run_id else f"runs in experiment {experiment!r}"
         raise UserInputError(f"no {what} to compare")
     return runs, parent
+
+
+def one_run_per_trial(runs: list) -> list:
+    """A sweep trial that failed and was retried, or was cut off and resumed, leaves an MLflow run per attempt:
+    its finished attempt (else its last) stands for it, so a seed is never counted twice or as a failure."""
+    chosen: dict[tuple, Any] = {}
+    for run in runs:  # oldest first
+        trial = run.data.params.get("sweep.trial_id")
+        key = (run.data.tags.get("mlflow.parentRunId"), trial) if trial else (run.info.run_id,)
+        if key not in chosen or chosen[key].info.status != "FINISHED":
+            chosen[key] = run
+    kept = {id(run) for run in chosen.values()}
+    return [run for run in runs if id(run) in kept]
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:

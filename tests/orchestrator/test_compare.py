@@ -218,3 +218,29 @@ def test_with_one_seed_per_row_the_table_has_no_spread_and_no_seed_count(store, 
         assert " n " not in header and "±" not in out and "*" not in out and "standard errors" not in out
         for group in json.loads((out_dir / "table.json").read_text()):
             assert group["n"] == 1 and group["figures"]["val_bbox_AP"]["std"] is None
+
+
+def test_a_retried_sweep_trial_counts_once_by_its_finished_attempt(store, tmp_path):
+    """A trial that failed, or was cut off by a stop and run again when the sweep resumed, has an MLflow run
+    per attempt: its finished one stands for it, so its seed is neither counted twice nor shown as failed."""
+    from orchestrator.compare import compare_runs
+    uri, _ = store
+    client = MlflowClient(uri)
+    retried = experiment_id(client, "retried", uri)
+    parent = client.create_run(retried, run_name="sweep", tags={"sweep.parent": "true"}).info.run_id
+
+    def attempt(trial, seed, status, ap=None):
+        params = {**method_params("e3va", "e3va", 10, 1.0), "seed": seed, "sweep.trial_id": trial}
+        run_id = add_run(client, retried, f"e3va-{seed}", params, {"val_bbox_AP": ap} if ap is not None else {},
+                         parent=parent)
+        client.set_terminated(run_id, status)
+
+    attempt("t_00000", 0, "FAILED")
+    attempt("t_00000", 0, "FINISHED", 10.0)
+    attempt("t_00001", 1, "FINISHED", 20.0)
+    attempt("t_00001", 1, "RUNNING")  # a stale record of a killed attempt after the finished one
+    attempt("t_00002", 2, "FINISHED", 30.0)
+    compare_runs(uri, experiment="retried", out=tmp_path / "o")
+    (group,) = json.loads((tmp_path / "o" / "table.json").read_text())
+    assert group["n"] == 3 and group["seeds"] == ["0", "1", "2"] and group["status"] == "finished"
+    assert group["figures"]["val_bbox_AP"] == {"mean": 20.0, "std": 10.0, "n": 3}
