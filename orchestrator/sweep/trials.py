@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,16 @@ if TYPE_CHECKING:
 # The trial's own driver (the function trainable) only waits on its Train run.
 TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 64 * 2**20}
 HEAD_NODE = "node:__internal_head__"  # Ray's resource of the head node
+# Tune caps how many trials it starts, not how many it brings back when a sweep resumes: a trial that finds the
+# cluster full waits for another trial's workers to finish instead of failing after Ray Train's 60 s.
+# (Every trial fits the cluster on its own: the sweep checks that before the first one starts.)
+WORKER_WAIT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+WORKER_WAIT_S = 24 * 3600
+
+
+def wait_for_workers() -> None:
+    """Let this trial's Ray Train run wait as long as a sweep may need for its workers (unless the user says)."""
+    os.environ.setdefault(WORKER_WAIT_VARIABLE, str(WORKER_WAIT_S))
 
 
 def trial_raw(base_raw: dict[str, Any], values: dict[str, Any], name: str, output_dir: Path,
@@ -106,6 +117,7 @@ def _run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
         ray.tune.report(finished)
         return
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    wait_for_workers()
     varied = {path: param_value(value) for path, value in config.items()}
     run_experiment(cfg, parent_run_id=context["parent_run_id"],
                    extra_params={**varied, "sweep": context["sweep"], "sweep.trial_id": tune_context.get_trial_id()},

@@ -255,3 +255,17 @@ def test_included_trials_are_read_as_flat_fields_beside_the_grid(tmp_path):
                        include=[{"tuning": {"hyperparameters": {"rank": 4}}, "seed": 7}])
     sweep = load_sweep(path, [*TINY, *places(tmp_path)])
     assert sweep.cfg.include == [{"tuning.hyperparameters.rank": 4, "seed": 7}]
+
+
+def test_a_trial_lets_ray_train_wait_for_workers_that_a_resumed_sweeps_other_trials_hold(monkeypatch):
+    """Tune brings every unfinished trial back at once when a sweep resumes; a trial that finds the cluster full
+    must wait for workers rather than fail after Ray Train's 60 s. Ray Train hands the trial's value to its
+    controller (get_env_vars_to_propagate); a value the user set is kept."""
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+    from orchestrator.sweep.trials import WORKER_WAIT_S, WORKER_WAIT_VARIABLE, wait_for_workers
+    monkeypatch.delenv(WORKER_WAIT_VARIABLE, raising=False)
+    wait_for_workers()
+    assert float(get_env_vars_to_propagate()[WORKER_WAIT_VARIABLE]) == WORKER_WAIT_S >= 3600
+    monkeypatch.setenv(WORKER_WAIT_VARIABLE, "120")
+    wait_for_workers()
+    assert get_env_vars_to_propagate()[WORKER_WAIT_VARIABLE] == "120"
