@@ -67,10 +67,12 @@ class Row:
         return status
 
     def hyperparameters(self) -> dict[str, str]:
-        """The method's own hyperparameters among the run's params."""
+        """The method's own hyperparameters among the run's params. One the run does not name is at its
+        default: the run predates it (e.g. E3VA's ``recompute``), so it groups with runs at the default."""
         defaults = _defaults(self.variant)
-        names = defaults if defaults is not None else [k for k in self.params if k not in RUN_PARAMS and "." not in k]
-        return {k: self.params[k] for k in names if k in self.params}
+        if defaults is None:
+            return {k: v for k, v in self.params.items() if k not in RUN_PARAMS and "." not in k}
+        return {k: self.params.get(k, default) for k, default in defaults.items()}
 
 
 def _defaults(method: str) -> dict[str, str] | None:

@@ -244,3 +244,20 @@ def test_a_retried_sweep_trial_counts_once_by_its_finished_attempt(store, tmp_pa
     (group,) = json.loads((tmp_path / "o" / "table.json").read_text())
     assert group["n"] == 3 and group["seeds"] == ["0", "1", "2"] and group["status"] == "finished"
     assert group["figures"]["val_bbox_AP"] == {"mean": 20.0, "std": 10.0, "n": 3}
+
+
+def test_a_run_from_before_a_hyperparameter_existed_groups_with_runs_at_its_default(store, tmp_path):
+    """E3VA's ``recompute`` (a memory option, the same arithmetic) came after some runs were made: a run that
+    does not name it ran at its default, and counts as a seed of the same row as runs that log it."""
+    from orchestrator.compare import compare_runs
+    uri, _ = store
+    client = MlflowClient(uri)
+    older = experiment_id(client, "older", uri)
+    for seed, ap, extra in ((0, 10.0, {}), (1, 20.0, {"recompute": "False"}), (2, 30.0, {"recompute": "False"})):
+        add_run(client, older, f"e3va-{seed}", {**method_params("e3va", "e3va", 10, 1.0, rank=8, init="linear"),
+                                                 "seed": seed, **extra}, {"val_bbox_AP": ap})
+    add_run(client, older, "e3va-recompute", {**method_params("e3va", "e3va", 10, 1.0, rank=8, init="linear"),
+                                              "seed": 0, "recompute": "True"}, {"val_bbox_AP": 5.0})
+    compare_runs(uri, experiment="older", out=tmp_path / "o")
+    groups = json.loads((tmp_path / "o" / "table.json").read_text())
+    assert sorted((g["n"], g["figures"]["val_bbox_AP"]["mean"]) for g in groups) == [(1, 5.0), (3, 20.0)]
